@@ -1,0 +1,13 @@
+"""adaptok: kernels that let Vision Transformers spend compute per image.
+
+``import adaptok`` is cheap: it registers the ops, but never initializes CUDA,
+loads the compiled extension or compiles a Triton kernel; those happen on the
+first call that needs them.
+"""
+__version__ = "0.1.0"
+
+from . import ops
+from .backends import BACKENDS, BackendError, backend
+from .ragged import RaggedBatch
+
+__all__ = ["BACKENDS", "BackendError", "RaggedBatch", "backend", "ops", "__version__"]

@@ -1,0 +1,207 @@
+"""One backend registry for every adaptok op.
+
+Each op (:class:`Op`) holds implementations for some of the backends
+
+- ``cuda``:   CUDA C++ kernels from the extension (CUDA tensors),
+- ``triton``: Triton kernels (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``),
+- ``cpu``:    C++ kernels from the extension (CPU tensors),
+- ``torch``:  the plain PyTorch reference (any device, always there).
+
+Each implementation declares what it supports and answers *why not* for given
+inputs. Automatic choice takes the first backend, in the device's order of
+preference (fastest first, from measurements), that can serve the inputs.
+``ADAPTOK_BACKEND=<name>`` or ``with adaptok.backend("<name>"):`` forces one;
+a forced backend that cannot serve the inputs raises :class:`BackendError`
+listing every backend and its reason.
+
+Example::
+
+    with adaptok.backend("torch"):
+        out = adaptok.ops.pack(x, cu_seqlens, total)
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from . import _ext
+
+BACKENDS = ("cuda", "triton", "cpu", "torch")
+
+# Order of preference per device type, fastest first.
+PREFERENCE = {
+    "cuda": ("cuda", "triton", "torch"),
+    "cpu": ("cpu", "torch", "triton"),  # triton on the CPU is the (slow) interpreter
+}
+
+_forced: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
+    "adaptok_backend", default=os.environ.get("ADAPTOK_BACKEND") or None
+)
+
+
+class BackendError(RuntimeError):
+    """No backend (or not the forced one) can serve an op's inputs."""
+
+
+def _check_name(name: Optional[str]) -> None:
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"unknown adaptok backend {name!r}; choose one of {', '.join(BACKENDS)} (or None for automatic)")
+
+
+@contextlib.contextmanager
+def backend(name: Optional[str]) -> Iterator[None]:
+    """Force backend ``name`` for every adaptok op called inside the block
+    (``None``: automatic choice). Overrides ``ADAPTOK_BACKEND``."""
+    _check_name(name)
+    token = _forced.set(name)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def forced_backend() -> Optional[str]:
+    """The backend forced by :func:`backend` or ``ADAPTOK_BACKEND``, if any."""
+    return _forced.get()
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_missing() -> Optional[str]:
+    return None if importlib.util.find_spec("triton") is not None else "triton is not installed"
+
+
+def backend_unavailable(name: str) -> Optional[str]:
+    """Why backend ``name`` cannot run at all on this install, or ``None``."""
+    if name in ("cpu", "cuda"):
+        err = _ext.error()
+        if err is not None:
+            return f"extension {err}"
+        if name == "cuda" and not _ext.build_info().get("cuda"):
+            return "extension built without CUDA"
+    if name == "triton":
+        return _triton_missing()
+    return None
+
+
+def _device_reason(name: str, device: torch.device) -> Optional[str]:
+    kind = device.type
+    if name == "torch":
+        return None
+    if name == "cpu":
+        return None if kind == "cpu" else f"runs on CPU tensors, got {kind}"
+    if name == "cuda":
+        return None if kind == "cuda" else f"runs on CUDA tensors, got {kind}"
+    if kind == "cuda" or (kind == "cpu" and triton_interpreted()):
+        return None
+    if kind == "cpu":
+        return "runs on CPU tensors only under TRITON_INTERPRET=1"
+    return f"runs on CUDA tensors, got {kind}"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One backend's implementation of an op.
+
+    ``dtypes``: dtypes served (``None``: any). ``ext_op``: the extension op it
+    calls, checked to exist. ``check(*args) -> reason | None``: further limits
+    (head dims, sizes...).
+    """
+
+    backend: str
+    fn: Callable
+    dtypes: Optional[frozenset] = None
+    ext_op: Optional[str] = None
+    check: Optional[Callable[..., Optional[str]]] = None
+
+
+class Op:
+    """The backends of one op.
+
+    ``subject(*args)`` returns the tensor whose device and dtype decide which
+    backends qualify; ``example(device, dtype)`` returns sample arguments for
+    ``python -m adaptok.info``.
+    """
+
+    def __init__(self, name: str, subject: Callable[..., torch.Tensor], example: Callable[..., tuple]):
+        self.name = name
+        self.subject = subject
+        self.example = example
+        self.impls: dict[str, Impl] = {}
+        REGISTRY[name] = self
+
+    def register(self, backend: str, *, dtypes=None, ext_op=None, check=None):
+        """Decorator: register ``fn`` as this op's ``backend`` implementation."""
+        _check_name(backend)
+
+        def wrap(fn):
+            self.impls[backend] = Impl(backend, fn, frozenset(dtypes) if dtypes else None, ext_op, check)
+            return fn
+
+        return wrap
+
+    def why_not(self, backend: str, *args) -> Optional[str]:
+        """Why ``backend`` cannot serve ``args``, or ``None`` if it can."""
+        impl = self.impls.get(backend)
+        if impl is None:
+            return f"no {backend} implementation of {self.name}"
+        reason = backend_unavailable(backend)
+        if reason is not None:
+            return reason
+        if impl.ext_op is not None and not _ext.has_op(impl.ext_op):
+            return f"extension lacks {impl.ext_op} (rebuild adaptok)"
+        t = self.subject(*args)
+        reason = _device_reason(backend, t.device)
+        if reason is not None:
+            return reason
+        if impl.dtypes is not None and t.dtype not in impl.dtypes:
+            served = ", ".join(sorted(_dtype_name(d) for d in impl.dtypes))
+            return f"supports {served}, got {_dtype_name(t.dtype)}"
+        return impl.check(*args) if impl.check is not None else None
+
+    def reasons(self, *args) -> dict[str, Optional[str]]:
+        """``{backend: reason or None}`` for every backend name."""
+        return {b: self.why_not(b, *args) for b in BACKENDS}
+
+    def select(self, *args) -> Impl:
+        """The implementation that runs ``args``: the forced backend, or the
+        first qualifying one in the device's order of preference."""
+        forced = _forced.get()
+        if forced is not None:
+            _check_name(forced)
+            if self.why_not(forced, *args) is None:
+                return self.impls[forced]
+            raise BackendError(self._report(f"backend {forced!r} is forced but cannot serve these inputs", args))
+        device = self.subject(*args).device.type
+        for name in PREFERENCE.get(device, ("torch",)):
+            if self.why_not(name, *args) is None:
+                return self.impls[name]
+        raise BackendError(self._report("no backend can serve these inputs", args))
+
+    def __call__(self, *args):
+        return self.select(*args).fn(*args)
+
+    def _report(self, headline: str, args) -> str:
+        t = self.subject(*args)
+        lines = [f"adaptok.{self.name}: {headline} ({t.device.type}, {_dtype_name(t.dtype)}):"]
+        for name, reason in self.reasons(*args).items():
+            lines.append(f"  {name:7s} {reason or 'ok'}")
+        return "\n".join(lines)
+
+
+# Every op, by name, in registration order (filled as op modules are imported).
+REGISTRY: dict[str, Op] = {}

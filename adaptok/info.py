@@ -1,0 +1,86 @@
+"""``python -m adaptok.info``: versions, device, extension build status, and
+which backend can serve each op (and why not).
+
+Options: ``--device cpu|cuda`` and ``--dtype float32|float16|bfloat16`` choose
+the sample inputs the table is computed for (default: the GPU if there is
+one, else the CPU; float32 on the CPU, bfloat16 on a GPU).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import platform
+
+import torch
+
+import adaptok
+from adaptok import _ext
+from adaptok.backends import BACKENDS, REGISTRY, backend_unavailable, forced_backend, triton_interpreted
+
+
+def _version(pkg: str) -> str:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"{torch.cuda.get_device_name(device)} (sm_{major}{minor})"
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def extension_status() -> str:
+    err = _ext.error()
+    if err is not None:
+        return err
+    info = _ext.build_info()
+    kinds = "CPU + CUDA kernels (archs " + info["cuda_archs"].replace("_", ", ") + ")" if info["cuda"] else "CPU kernels only"
+    return f"loaded: {kinds}, built against torch {info['torch']}"
+
+
+def report(device: torch.device, dtype: torch.dtype) -> str:
+    lines = [
+        f"adaptok {adaptok.__version__}",
+        f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
+        f"triton {_version('triton')}, timm {_version('timm')}",
+        f"device: {device_name(device)}",
+        f"extension adaptok._C: {extension_status()}",
+        f"triton: {backend_unavailable('triton') or ('interpreter on the CPU (TRITON_INTERPRET=1)' if triton_interpreted() else 'compiled kernels on CUDA tensors')}",
+        f"forced backend: {forced_backend() or 'none (automatic choice)'}",
+        "",
+        f"Backends per op for {device.type} {str(dtype).replace('torch.', '')} inputs "
+        "(* = automatic choice, + = can serve, - = cannot):",
+    ]
+    width = max(len(name) for name in REGISTRY)
+    for name, op in REGISTRY.items():
+        args = op.example(device, dtype)
+        reasons = op.reasons(*args)
+        try:
+            chosen = op.select(*args).backend
+        except adaptok.BackendError:
+            chosen = None
+        for i, b in enumerate(BACKENDS):
+            mark = "*" if b == chosen else "+" if reasons[b] is None else "-"
+            lines.append(f"  {name if i == 0 else '':{width}s}  {b:7s} {mark} {reasons[b] or 'ok'}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m adaptok.info", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    args = parser.parse_args(argv)
+    device = torch.device(args.device) if args.device else default_device()
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    print(report(device, dtype))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,6 @@
+"""adaptok ops. Each is a ``torch.library`` custom op (``torch.ops.adaptok.*``)
+served by the backends of :mod:`adaptok.backends`; the ``*_reference``
+functions are their plain PyTorch specifications."""
+from .ragged import cls_tokens, pack, select_sequences, unpack
+
+__all__ = ["cls_tokens", "pack", "select_sequences", "unpack"]

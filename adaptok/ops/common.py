@@ -1,0 +1,96 @@
+"""Helpers shared by every op: output allocation and input validation.
+
+Validation that reads only metadata (dtype, device, shape) always runs, also
+while tracing under ``torch.compile``. Validation that reads ``cu_seqlens``
+values runs for CPU tensors (free) and, because it forces a host-device sync,
+for CUDA tensors only with ``ADAPTOK_DEBUG=1``; the CUDA kernels stay in
+bounds for any ``cu_seqlens``.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator, Sequence
+
+import torch
+
+_poison = False
+
+
+@contextlib.contextmanager
+def poison_outputs() -> Iterator[None]:
+    """Fill every output the kernels allocate with NaN (or the dtype's max for
+    integers) so that elements a kernel fails to write show up in tests."""
+    global _poison
+    previous, _poison = _poison, True
+    try:
+        yield
+    finally:
+        _poison = previous
+
+
+def empty(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    """``torch.empty`` with ``like``'s dtype and device (poisoned in tests)."""
+    out = torch.empty(tuple(shape), dtype=like.dtype, device=like.device)
+    if _poison:
+        out.fill_(float("nan") if out.is_floating_point() else torch.iinfo(out.dtype).max if out.dtype != torch.bool else True)
+    return out
+
+
+def check_values_now(t: torch.Tensor) -> bool:
+    """Whether value checks on ``t`` run (they would force a sync on a GPU)."""
+    return t.device.type == "cpu" or os.environ.get("ADAPTOK_DEBUG") == "1"
+
+
+def check_tensor(t, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def check_same_device(t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name} must be on the same device as {ref_name} ({ref.device}), got {t.device}")
+
+
+def check_cu_seqlens(cu: torch.Tensor, ref: torch.Tensor, ref_name: str, name: str = "cu_seqlens") -> None:
+    """Metadata of a ``cu_seqlens``: int32, 1-D of length B + 1 with B >= 1, on ``ref``'s device."""
+    check_tensor(cu, name)
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {cu.dtype}")
+    if cu.dim() != 1 or cu.shape[0] < 2:
+        raise ValueError(f"{name} must be 1-D of length B + 1 with B >= 1 (an empty batch is not allowed), got shape {tuple(cu.shape)}")
+    check_same_device(cu, name, ref, ref_name)
+
+
+def check_cu_seqlens_values(cu: torch.Tensor, total: int, name: str = "cu_seqlens", total_name: str = "the token count") -> None:
+    """Values of a ``cu_seqlens``: starts at 0, strictly increasing (every
+    sequence holds at least one token), ends at ``total``."""
+    c = cu.tolist()
+    if c[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {c[0]}")
+    for i in range(1, len(c)):
+        if c[i] <= c[i - 1]:
+            raise ValueError(
+                f"{name} must be strictly increasing (every sequence needs at least one token), got {c[i - 1]} then {c[i]} at index {i}"
+            )
+    if c[-1] != total:
+        raise ValueError(f"{name}[-1] must equal {total_name} = {total}, got {c[-1]}")
+
+
+def check_max_len(cu: torch.Tensor, limit: int, what: str, name: str = "cu_seqlens") -> None:
+    longest = int(cu.diff().max())
+    if longest > limit:
+        raise ValueError(f"{name} holds a sequence of {longest} tokens, more than {what} = {limit}")
+
+
+def seq_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """``[total]`` int64: the sequence each packed token belongs to (no sync)."""
+    batch = cu_seqlens.shape[0] - 1
+    return torch.repeat_interleave(
+        torch.arange(batch, device=cu_seqlens.device), cu_seqlens.diff(), output_size=total
+    )
+
+
+def positions(cu_seqlens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``[total]`` int64: each packed token's position inside its sequence."""
+    return torch.arange(ids.shape[0], device=ids.device) - cu_seqlens[ids].long()

@@ -1,0 +1,235 @@
+"""RaggedBatch: token sequences of different lengths, packed without padding."""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from .ops import common
+from .ops import ragged as ops
+
+IntSeq = Union[Sequence[int], Tensor]
+
+
+def _cu_from_lengths(lengths: Sequence[int], device) -> Tensor:
+    offsets = [0]
+    for n in lengths:
+        offsets.append(offsets[-1] + n)
+    return torch.tensor(offsets, dtype=torch.int32).to(device, non_blocking=True)
+
+
+def _host_lengths(lengths, name: str) -> Optional[tuple]:
+    """``lengths`` as a tuple of ints if it lives on the host, else None."""
+    if isinstance(lengths, Tensor):
+        if lengths.device.type != "cpu":
+            return None
+        if lengths.dim() != 1 or lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
+            raise TypeError(f"{name} must be a 1-D integer tensor, got {lengths.dtype} of shape {tuple(lengths.shape)}")
+        lengths = lengths.tolist()
+    lengths = tuple(lengths)
+    if not all(isinstance(n, int) for n in lengths):
+        raise TypeError(f"{name} must hold ints, got {lengths!r}")
+    return lengths
+
+
+class RaggedBatch:
+    """A batch of ``B`` token sequences of lengths ``N_b >= 1``, packed.
+
+    Fields:
+        values: ``[T, C]`` (or ``[T, *F]``), ``T = sum(N_b)``: the sequences,
+            one after another.
+        cu_seqlens: int32 ``[B + 1]`` on ``values.device``: ``values[cu[b]:cu[b+1]]``
+            is sequence b.
+        max_seqlen: the longest ``N_b``, a host int (kernels size their grids
+            with it, so reading it never syncs).
+        grid: optional int32 ``[B]`` per-sequence tag, e.g. the token grid side
+            (7, 10, 14) each sequence came from.
+
+    Every sequence holds at least one token (its CLS or first token) and a
+    batch holds at least one sequence; empty sequences and empty batches are
+    rejected with a ``ValueError``.
+
+    Example::
+
+        >>> rb = RaggedBatch.from_list([torch.randn(50, 384), torch.randn(197, 384)], grid=[7, 14])
+        >>> rb.values.shape, rb.cu_seqlens.tolist(), rb.max_seqlen
+        (torch.Size([247, 384]), [0, 50, 247], 197)
+        >>> rb.to_padded().shape
+        torch.Size([2, 197, 384])
+    """
+
+    __slots__ = ("values", "cu_seqlens", "max_seqlen", "grid", "_lengths")
+
+    def __init__(self, values: Tensor, cu_seqlens: Tensor, max_seqlen: int, grid: Optional[IntSeq] = None,
+                 *, lengths: Optional[Sequence[int]] = None):
+        common.check_tensor(values, "values")
+        if values.dim() < 1:
+            raise ValueError("values must have shape [T, C], got a 0-d tensor")
+        common.check_cu_seqlens(cu_seqlens, values, "values")
+        if not isinstance(max_seqlen, int) or max_seqlen < 1:
+            raise ValueError(f"max_seqlen must be a host int >= 1, got {max_seqlen!r}")
+        batch = cu_seqlens.shape[0] - 1
+        if common.check_values_now(cu_seqlens):
+            common.check_cu_seqlens_values(cu_seqlens, values.shape[0], total_name="values.shape[0]")
+            longest = int(cu_seqlens.diff().max())
+            if longest > max_seqlen:
+                raise ValueError(f"max_seqlen = {max_seqlen} is smaller than the longest sequence ({longest} tokens)")
+        if grid is not None:
+            grid = torch.as_tensor(grid, dtype=torch.int32).to(values.device)
+            if grid.shape != (batch,):
+                raise ValueError(f"grid must have one entry per sequence ({batch}), got shape {tuple(grid.shape)}")
+        self.values = values
+        self.cu_seqlens = cu_seqlens
+        self.max_seqlen = max_seqlen
+        self.grid = grid
+        self._lengths = tuple(lengths) if lengths is not None else None
+
+    # ------------------------------------------------------------ constructors
+
+    @classmethod
+    def from_list(cls, xs: Sequence[Tensor], grid: Optional[IntSeq] = None) -> "RaggedBatch":
+        """Pack sequences ``xs[b]: [N_b, C]`` (same C, dtype and device)."""
+        if len(xs) == 0:
+            raise ValueError("xs must hold at least one sequence")
+        for i, x in enumerate(xs):
+            common.check_tensor(x, f"xs[{i}]")
+            if x.dim() < 1 or x.shape[0] < 1:
+                raise ValueError(f"xs[{i}] must have shape [N, C] with N >= 1, got {tuple(x.shape)}")
+            if x.shape[1:] != xs[0].shape[1:] or x.dtype != xs[0].dtype or x.device != xs[0].device:
+                raise ValueError(
+                    f"xs[{i}] ({tuple(x.shape)}, {x.dtype}, {x.device}) does not match xs[0] "
+                    f"({tuple(xs[0].shape)}, {xs[0].dtype}, {xs[0].device}) in feature shape, dtype or device"
+                )
+        lengths = tuple(x.shape[0] for x in xs)
+        values = torch.cat(list(xs))
+        return cls(values, _cu_from_lengths(lengths, values.device), max(lengths), grid, lengths=lengths)
+
+    @classmethod
+    def from_padded(cls, x: Tensor, lengths: IntSeq, grid: Optional[IntSeq] = None) -> "RaggedBatch":
+        """Pack ``x: [B, N, C]`` where sequence b is ``x[b, :lengths[b]]``.
+
+        ``lengths`` as a list (or CPU tensor) needs no device sync; as a device
+        tensor it costs one sync to learn ``T`` and ``max_seqlen``.
+        """
+        common.check_tensor(x, "x")
+        if x.dim() < 2:
+            raise ValueError(f"x must have shape [B, N, C], got {tuple(x.shape)}")
+        host = _host_lengths(lengths, "lengths")
+        if host is not None:
+            if len(host) != x.shape[0]:
+                raise ValueError(f"lengths must have one entry per sequence of x ({x.shape[0]}), got {len(host)}")
+            bad = [n for n in host if not 1 <= n <= x.shape[1]]
+            if bad:
+                raise ValueError(f"lengths must lie in [1, x.shape[1] = {x.shape[1]}], got {bad[0]}")
+            cu = _cu_from_lengths(host, x.device)
+            total, longest = sum(host), max(host)
+        else:
+            common.check_same_device(lengths, "lengths", x, "x")
+            if lengths.shape != (x.shape[0],):
+                raise ValueError(f"lengths must have shape [{x.shape[0]}], got {tuple(lengths.shape)}")
+            cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+            total, longest = int(cu[-1]), int(lengths.max())  # the one sync
+        values = ops.pack(x, cu, total)
+        return cls(values, cu, longest, grid, lengths=host)
+
+    # ------------------------------------------------------------- properties
+
+    @property
+    def batch_size(self) -> int:
+        return self.cu_seqlens.shape[0] - 1
+
+    @property
+    def total_tokens(self) -> int:
+        return self.values.shape[0]
+
+    @property
+    def lengths(self) -> tuple:
+        """Sequence lengths as host ints (one device sync the first time if
+        the batch was built from device data)."""
+        if self._lengths is None:
+            self._lengths = tuple(self.cu_seqlens.diff().tolist())
+        return self._lengths
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    def __len__(self) -> int:
+        return self.batch_size
+
+    def __repr__(self) -> str:
+        return (f"RaggedBatch(B={self.batch_size}, T={self.total_tokens}, max_seqlen={self.max_seqlen}, "
+                f"features={tuple(self.values.shape[1:])}, dtype={self.dtype}, device={self.device}"
+                f"{', grid' if self.grid is not None else ''})")
+
+    # ----------------------------------------------------------------- views
+
+    def with_values(self, values: Tensor) -> "RaggedBatch":
+        """The same sequences layout over new ``values: [T, *F']``."""
+        if values.shape[0] != self.total_tokens:
+            raise ValueError(f"values must have T = {self.total_tokens} rows, got {values.shape[0]}")
+        out = RaggedBatch.__new__(RaggedBatch)
+        out.values, out.cu_seqlens, out.max_seqlen, out.grid, out._lengths = (
+            values, self.cu_seqlens, self.max_seqlen, self.grid, self._lengths)
+        return out
+
+    def to_list(self) -> list:
+        """The sequences as a list of ``[N_b, C]`` views of ``values``."""
+        return list(self.values.split(self.lengths))
+
+    def to_padded(self, pad_value: float = 0.0, length: Optional[int] = None) -> Tensor:
+        """``[B, L, C]`` with ``L = length or max_seqlen``, padded with ``pad_value``."""
+        length = self.max_seqlen if length is None else length
+        if length < self.max_seqlen:
+            raise ValueError(f"length must be at least max_seqlen = {self.max_seqlen}, got {length}")
+        return ops.unpack(self.values, self.cu_seqlens, length, pad_value)
+
+    def cls_tokens(self) -> Tensor:
+        """``[B, C]``: the first token of every sequence."""
+        return ops.cls_tokens(self.values, self.cu_seqlens)
+
+    def index_select(self, seq_idx: Union[IntSeq, Tensor]) -> "RaggedBatch":
+        """The sequences ``seq_idx`` (int indices, repeats allowed, or a bool
+        mask over the batch), still packed. Host indices on a batch with known
+        lengths need no device sync; device indices cost one."""
+        batch = self.batch_size
+        if isinstance(seq_idx, Tensor) and seq_idx.dtype == torch.bool:
+            if seq_idx.shape != (batch,):
+                raise ValueError(f"a bool seq_idx must have shape [{batch}], got {tuple(seq_idx.shape)}")
+            seq_idx = seq_idx.nonzero().squeeze(1)
+        host_idx = _host_lengths(seq_idx, "seq_idx")
+        if host_idx is not None and (self._lengths is not None or self.device.type == "cpu"):
+            if len(host_idx) == 0:
+                raise ValueError("seq_idx must select at least one sequence")
+            bad = [i for i in host_idx if not -batch <= i < batch]
+            if bad:
+                raise ValueError(f"seq_idx {bad[0]} is out of range for a batch of {batch} sequences")
+            host_idx = tuple(i % batch for i in host_idx)
+            lengths = tuple(self.lengths[i] for i in host_idx)
+            idx = torch.tensor(host_idx, dtype=torch.int64).to(self.device, non_blocking=True)
+            cu_out = _cu_from_lengths(lengths, self.device)
+            total, longest = sum(lengths), max(lengths)
+        else:
+            idx = torch.as_tensor(seq_idx, dtype=torch.int64, device=self.device)
+            if idx.dim() != 1 or idx.shape[0] == 0:
+                raise ValueError(f"seq_idx must be 1-D and select at least one sequence, got shape {tuple(idx.shape)}")
+            idx = torch.where(idx < 0, idx + batch, idx)
+            lengths_dev = self.cu_seqlens.diff()[idx]
+            cu_out = torch.nn.functional.pad(lengths_dev.cumsum(0), (1, 0)).to(torch.int32)
+            total, longest = int(cu_out[-1]), int(lengths_dev.max())  # the one sync
+            lengths = None
+        values = ops.select_sequences(self.values, self.cu_seqlens, idx, cu_out, total)
+        grid = self.grid[idx] if self.grid is not None else None
+        return RaggedBatch(values, cu_out, longest, grid, lengths=lengths)
+
+    def to(self, *args, **kwargs) -> "RaggedBatch":
+        """Move or cast ``values`` (``cu_seqlens`` and ``grid`` follow its device)."""
+        values = self.values.to(*args, **kwargs)
+        cu = self.cu_seqlens.to(values.device)
+        grid = self.grid.to(values.device) if self.grid is not None else None
+        return RaggedBatch(values, cu, self.max_seqlen, grid, lengths=self._lengths)

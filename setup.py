@@ -1,0 +1,85 @@
+"""Build adaptok: the Python package, the Triton kernels (installed as
+adaptok.kernels) and the C++/CUDA extension adaptok._C.
+
+Install with ``pip install --no-build-isolation .`` so the build uses the torch
+already installed instead of fetching another one.
+
+Environment:
+  ADAPTOK_NO_EXTENSION=1   pure-Python install (ops run through Triton and torch)
+  ADAPTOK_NO_CUDA=1        build the CPU kernels only
+  ADAPTOK_CUDA_ARCHS       CUDA archs, default "8.0;9.0" (sm_80, sm_90)
+  MAX_JOBS                 parallel compile jobs (ninja)
+"""
+import glob
+import os
+import shutil
+
+from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _version():
+    with open(os.path.join(HERE, "adaptok", "__init__.py")) as f:
+        for line in f:
+            if line.startswith("__version__"):
+                return line.split("=")[1].strip().strip("\"'")
+    raise RuntimeError("__version__ not found in adaptok/__init__.py")
+
+
+def _arch_tokens(archs):
+    """'8.0;9.0' -> '80_90': one token, safe for the shell and nvcc's -D lists."""
+    return "_".join(a.replace(".", "").replace("+", "") for a in archs.replace(" ", ";").split(";") if a)
+
+
+def _extension():
+    if os.environ.get("ADAPTOK_NO_EXTENSION") == "1":
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    cu_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
+    nvcc = CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
+    with_cuda = (
+        torch.version.cuda is not None
+        and bool(nvcc or shutil.which("nvcc"))
+        and os.environ.get("ADAPTOK_NO_CUDA") != "1"
+    )
+    cxx = ["-O3"]
+    if with_cuda:
+        archs = os.environ.get("ADAPTOK_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0"
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+        ext = CUDAExtension(
+            "adaptok._C",
+            sources + cu_sources,
+            define_macros=[("ADAPTOK_WITH_CUDA", None), ("ADAPTOK_CUDA_ARCHS", _arch_tokens(archs))],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]},
+        )
+    else:
+        ext = CppExtension("adaptok._C", sources, extra_compile_args={"cxx": cxx})
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extension()
+
+setup(
+    name="adaptok",
+    version=_version(),
+    description="Fused variable-length attention, token selection and ragged batching for adaptive-token Vision Transformers",
+    long_description=open(os.path.join(HERE, "README.md")).read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=["adaptok", "adaptok.ops", "adaptok.kernels"],
+    package_dir={"adaptok.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    install_requires=["torch>=2.5", "numpy"],
+    extras_require={
+        "triton": ["triton"],
+        "bench": ["tqdm", "matplotlib", "pytest-benchmark"],
+        "test": ["pytest", "pytest-benchmark"],
+    },
+    entry_points={"console_scripts": ["adaptok-bench=adaptok.bench:main"]},
+)
