@@ -32,18 +32,34 @@ def _arch_tokens(archs):
     return "_".join(a.replace(".", "").replace("+", "") for a in archs.replace(" ", ";").split(";") if a)
 
 
+def _find_cuda_home():
+    """A CUDA toolkit with nvcc and headers. torch guesses it from nvcc's
+    folder, which is wrong when nvcc is a wrapper (/usr/local/bin/nvcc)."""
+    nvcc = shutil.which("nvcc")
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+                  nvcc and os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"]
+    for home in candidates:
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")) and os.path.exists(
+                os.path.join(home, "include", "cuda_runtime_api.h")):
+            return home
+    return None
+
+
 def _extension():
     if os.environ.get("ADAPTOK_NO_EXTENSION") == "1":
         return [], {}
+    cuda_home = _find_cuda_home()
+    if cuda_home:
+        os.environ["CUDA_HOME"] = cuda_home
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cu_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
-    nvcc = CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
     with_cuda = (
         torch.version.cuda is not None
-        and bool(nvcc or shutil.which("nvcc"))
+        and CUDA_HOME is not None
+        and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
         and os.environ.get("ADAPTOK_NO_CUDA") != "1"
     )
     cxx = ["-O3"]

@@ -47,6 +47,12 @@ def check_tensor(t, name: str) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
 
 
+def check_tensors(**tensors) -> None:
+    """TypeError naming the first argument that is not a tensor."""
+    for name, t in tensors.items():
+        check_tensor(t, name)
+
+
 def check_same_device(t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -> None:
     if t.device != ref.device:
         raise ValueError(f"{name} must be on the same device as {ref_name} ({ref.device}), got {t.device}")

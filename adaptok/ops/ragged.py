@@ -135,6 +135,7 @@ def pack(x: Tensor, cu_seqlens: Tensor, total: int) -> Tensor:
         >>> pack(x, torch.tensor([0, 3, 5], dtype=torch.int32), 5).shape
         torch.Size([5, 8])
     """
+    common.check_tensors(x=x, cu_seqlens=cu_seqlens)
     return torch.ops.adaptok.pack(x, cu_seqlens, total)
 
 
@@ -223,6 +224,7 @@ def unpack(values: Tensor, cu_seqlens: Tensor, length: int, pad_value: float = 0
     Returns:
         ``[B, L, *F]``.
     """
+    common.check_tensors(values=values, cu_seqlens=cu_seqlens)
     return torch.ops.adaptok.unpack(values, cu_seqlens, length, float(pad_value))
 
 
@@ -302,6 +304,7 @@ def cls_tokens(values: Tensor, cu_seqlens: Tensor) -> Tensor:
     Returns:
         ``[B, *F]``.
     """
+    common.check_tensors(values=values, cu_seqlens=cu_seqlens)
     return torch.ops.adaptok.cls_tokens(values, cu_seqlens)
 
 
@@ -416,4 +419,5 @@ def select_sequences(values: Tensor, cu_seqlens: Tensor, seq_idx: Tensor, cu_seq
         ``[T', *F]``. :meth:`adaptok.RaggedBatch.index_select` computes
         ``cu_seqlens_out`` and ``total_out`` for you.
     """
+    common.check_tensors(values=values, cu_seqlens=cu_seqlens, seq_idx=seq_idx, cu_seqlens_out=cu_seqlens_out)
     return torch.ops.adaptok.select_sequences(values, cu_seqlens, seq_idx, cu_seqlens_out, total_out)

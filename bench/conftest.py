@@ -1,0 +1,32 @@
+"""pytest-benchmark suite. Run with ``pytest bench --benchmark-json OUT.json``;
+every result carries the device, versions and commit in ``extra_info``."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from adaptok.benchmarking import environment  # noqa: E402
+from adaptok.info import default_device  # noqa: E402
+
+DEVICE = default_device()
+ON_GPU = DEVICE.type == "cuda"
+
+
+@pytest.fixture
+def bench(benchmark):
+    """``benchmark`` that synchronizes the GPU around each call and records
+    the environment."""
+    benchmark.extra_info.update(environment(DEVICE))
+
+    def run(fn):
+        def call():
+            fn()
+            if ON_GPU:
+                torch.cuda.synchronize()
+        return benchmark(call)
+
+    return run

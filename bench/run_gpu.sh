@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Build, test and benchmark adaptok on a GPU machine in one go.
+# Usage: bench/run_gpu.sh OUT_DIR   (needs torch, triton, pytest and
+# pytest-benchmark installed; builds the extension for sm_90 unless
+# ADAPTOK_CUDA_ARCHS says otherwise). Writes into OUT_DIR: info.txt, tests.txt,
+# bench.json (pytest-benchmark) and ragged.json (adaptok-bench).
+set -uo pipefail
+out=${1:?usage: bench/run_gpu.sh OUT_DIR}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 ADAPTOK_REQUIRE_EXTENSION=1
+export ADAPTOK_CUDA_ARCHS="${ADAPTOK_CUDA_ARCHS:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
+
+pip install --no-build-isolation --no-deps -e . >"$out/build.txt" 2>&1 || { tail -40 "$out/build.txt"; exit 1; }
+python -m adaptok.info | tee "$out/info.txt"
+python -m pytest tests -q -rs 2>&1 | tee "$out/tests.txt"
+tests_rc=${PIPESTATUS[0]}
+python -m pytest bench -q --benchmark-json "$out/bench.json" 2>&1 | tail -40
+adaptok-bench --out "$out"
+exit "$tests_rc"
