@@ -45,14 +45,25 @@ def extension_status() -> str:
     return f"loaded: {kinds}, built against torch {info['torch']}"
 
 
+def triton_status() -> str:
+    missing = backend_unavailable("triton")
+    if missing:
+        return missing
+    if triton_interpreted():
+        return "kernels run in the interpreter on CPU tensors (TRITON_INTERPRET=1)"
+    if torch.cuda.is_available():
+        return "kernels compiled for the GPU"
+    return "runs on CUDA tensors only here (no GPU; TRITON_INTERPRET=1 runs it on the CPU)"
+
+
 def report(device: torch.device, dtype: torch.dtype) -> str:
     lines = [
         f"adaptok {adaptok.__version__}",
         f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
-        f"triton {_version('triton')}, timm {_version('timm')}",
+        f"timm {_version('timm')}",
         f"device: {device_name(device)}",
         f"extension adaptok._C: {extension_status()}",
-        f"triton: {backend_unavailable('triton') or ('interpreter on the CPU (TRITON_INTERPRET=1)' if triton_interpreted() else 'compiled kernels on CUDA tensors')}",
+        f"triton {_version('triton')}: {triton_status()}",
         f"forced backend: {forced_backend() or 'none (automatic choice)'}",
         "",
         f"Backends per op for {device.type} {str(dtype).replace('torch.', '')} inputs "

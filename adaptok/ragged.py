@@ -129,7 +129,9 @@ class RaggedBatch:
             if lengths.shape != (x.shape[0],):
                 raise ValueError(f"lengths must have shape [{x.shape[0]}], got {tuple(lengths.shape)}")
             cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-            total, longest = int(cu[-1]), int(lengths.max())  # the one sync
+            total, longest, shortest = torch.stack([cu[-1].long(), lengths.max().long(), lengths.min().long()]).tolist()  # the one sync
+            if shortest < 1 or longest > x.shape[1]:
+                raise ValueError(f"lengths must lie in [1, x.shape[1] = {x.shape[1]}], got {shortest if shortest < 1 else longest}")
         values = ops.pack(x, cu, total)
         return cls(values, cu, longest, grid, lengths=host)
 
@@ -219,9 +221,13 @@ class RaggedBatch:
             if idx.dim() != 1 or idx.shape[0] == 0:
                 raise ValueError(f"seq_idx must be 1-D and select at least one sequence, got shape {tuple(idx.shape)}")
             idx = torch.where(idx < 0, idx + batch, idx)
-            lengths_dev = self.cu_seqlens.diff()[idx]
+            lengths_dev = self.cu_seqlens.diff()[idx.clamp(0, batch - 1)]
             cu_out = torch.nn.functional.pad(lengths_dev.cumsum(0), (1, 0)).to(torch.int32)
-            total, longest = int(cu_out[-1]), int(lengths_dev.max())  # the one sync
+            # The one sync: sizes for the output, and the index range check.
+            total, longest, lo, hi = torch.stack([cu_out[-1].long(), lengths_dev.max().long(), idx.min(), idx.max()]).tolist()
+            if lo < 0 or hi >= batch:
+                raise ValueError(f"seq_idx holds an index out of range for a batch of {batch} sequences "
+                                 f"(valid: -{batch} to {batch - 1})")
             lengths = None
         values = ops.select_sequences(self.values, self.cu_seqlens, idx, cu_out, total)
         grid = self.grid[idx] if self.grid is not None else None

@@ -68,7 +68,7 @@ void check_pack(const at::Tensor& x, const at::Tensor& cu, const at::Tensor& out
   TORCH_CHECK_VALUE(out.dim() >= 1, "out must have at least 1 dim");
   check_features(x, "x", 2, out, 1);
   if (x.is_cpu()) {
-    check_cu_seqlens_values(cu, "cu_seqlens", out.size(0), "out.shape[0]");
+    check_cu_seqlens_values(cu, "cu_seqlens", out.size(0), "out.shape[0] (the total token count)");
     check_max_len(cu, x.size(1), "x.shape[1]");
   }
 }
@@ -83,7 +83,7 @@ void check_unpack(const at::Tensor& values, const at::Tensor& cu,
   check_features(values, "values", 1, out, 2);
   if (values.is_cpu()) {
     check_cu_seqlens_values(cu, "cu_seqlens", values.size(0), "values.shape[0]");
-    check_max_len(cu, out.size(1), "out.shape[1]");
+    check_max_len(cu, out.size(1), "out.shape[1] (the padded length)");
   }
 }
 
@@ -117,7 +117,7 @@ void check_select(const at::Tensor& values, const at::Tensor& cu,
   check_features(values, "values", 1, out, 1);
   if (values.is_cpu()) {
     check_cu_seqlens_values(cu, "cu_seqlens", values.size(0), "values.shape[0]");
-    check_cu_seqlens_values(cu_out, "cu_seqlens_out", out.size(0), "out.shape[0]");
+    check_cu_seqlens_values(cu_out, "cu_seqlens_out", out.size(0), "out.shape[0] (total_out)");
     const int64_t batch = cu.size(0) - 1;
     const int64_t* idx = seq_idx.data_ptr<int64_t>();
     const int32_t* c = cu.data_ptr<int32_t>();

@@ -13,6 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 
 from adaptok import _ext  # noqa: E402
+from adaptok.backends import triton_interpreted  # noqa: E402
 
 DEVICES = ["cpu", "cuda"]
 # Backends that serve each device, fastest first (the registry's preference).
@@ -31,6 +32,8 @@ def device_backend(request):
     device, backend = request.param
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
+    if device == "cpu" and backend == "triton" and not triton_interpreted():
+        pytest.skip("Triton runs on CPU tensors only under TRITON_INTERPRET=1 (set on machines without a GPU)")
     if backend in ("cpu", "cuda") and _ext.error() is not None:
         message = f"extension unavailable: {_ext.error()}"
         if os.environ.get("ADAPTOK_REQUIRE_EXTENSION") == "1":

@@ -108,6 +108,28 @@ def test_broken_extension_falls_back_with_one_warning():
     assert result.stderr.count("WARNING") == 1, result.stderr
 
 
+def test_missing_extension_is_not_a_failure():
+    """A pure-Python install (ADAPTOK_NO_EXTENSION=1) has no adaptok._C: no
+    warning, and the cpu backend says why it is out."""
+    result = run_python("""
+        import importlib.abc, logging, sys
+        class NotBuilt(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "adaptok._C":
+                    raise ModuleNotFoundError("No module named 'adaptok._C'", name="adaptok._C")
+        sys.meta_path.insert(0, NotBuilt())
+        logging.basicConfig(level=logging.WARNING)
+        import torch, adaptok
+        from adaptok.backends import REGISTRY
+        rb = adaptok.RaggedBatch.from_list([torch.ones(2, 3)])
+        print(REGISTRY["cls_tokens"].select(rb.values, rb.cu_seqlens).backend)
+        print(REGISTRY["cls_tokens"].why_not("cpu", rb.values, rb.cu_seqlens))
+    """)
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == "torch" and "not built" in lines[1]
+    assert "WARNING" not in result.stderr
+
+
 def test_info_prints_the_table():
     result = subprocess.run([sys.executable, "-m", "adaptok.info"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr

@@ -33,13 +33,22 @@ def empty(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
     """``torch.empty`` with ``like``'s dtype and device (poisoned in tests)."""
     out = torch.empty(tuple(shape), dtype=like.dtype, device=like.device)
     if _poison:
-        out.fill_(float("nan") if out.is_floating_point() else torch.iinfo(out.dtype).max if out.dtype != torch.bool else True)
+        if out.is_floating_point() or out.is_complex():
+            out.fill_(float("nan"))
+        else:
+            out.fill_(True if out.dtype == torch.bool else torch.iinfo(out.dtype).max)
     return out
 
 
 def check_values_now(t: torch.Tensor) -> bool:
     """Whether value checks on ``t`` run (they would force a sync on a GPU)."""
     return t.device.type == "cpu" or os.environ.get("ADAPTOK_DEBUG") == "1"
+
+
+def check_values_in_python(impl, cu_seqlens: torch.Tensor) -> bool:
+    """Whether the op layer checks ``cu_seqlens`` values before running
+    ``impl``: the C++ CPU kernels check them themselves (TORCH_CHECK)."""
+    return impl.backend != "cpu" and check_values_now(cu_seqlens)
 
 
 def check_tensor(t, name: str) -> None:

@@ -58,12 +58,6 @@ def _check_pack(x: Tensor, cu_seqlens: Tensor, total: int) -> None:
         raise ValueError(f"cu_seqlens must have B + 1 = {x.shape[0] + 1} entries for x of shape {tuple(x.shape)}, got {cu_seqlens.shape[0]}")
 
 
-def _check_pack_values(x: Tensor, cu_seqlens: Tensor, total: int) -> None:
-    if common.check_values_now(cu_seqlens):
-        common.check_cu_seqlens_values(cu_seqlens, total, total_name="total")
-        common.check_max_len(cu_seqlens, x.shape[1], "x.shape[1]")
-
-
 PACK = Op("pack", subject=lambda x, cu, total: x,
           example=lambda device, dtype: (torch.zeros(3, 197, 384, device=device, dtype=dtype),
                                          _example_batch(device, dtype)[1], 248))
@@ -94,8 +88,12 @@ def _pack_triton(x, cu_seqlens, total):
 @torch.library.custom_op("adaptok::pack", mutates_args=())
 def _pack_op(x: Tensor, cu_seqlens: Tensor, total: int) -> Tensor:
     _check_pack(x, cu_seqlens, total)
-    _check_pack_values(x, cu_seqlens, total)
-    return PACK(x.contiguous(), cu_seqlens, total)
+    x, cu_seqlens = x.contiguous(), cu_seqlens.contiguous()
+    impl = PACK.select(x, cu_seqlens, total)
+    if common.check_values_in_python(impl, cu_seqlens):
+        common.check_cu_seqlens_values(cu_seqlens, total, total_name="total")
+        common.check_max_len(cu_seqlens, x.shape[1], "x.shape[1]")
+    return impl.fn(x, cu_seqlens, total)
 
 
 @_pack_op.register_fake
@@ -186,10 +184,12 @@ def _unpack_triton(values, cu_seqlens, length, pad_value):
 @torch.library.custom_op("adaptok::unpack", mutates_args=())
 def _unpack_op(values: Tensor, cu_seqlens: Tensor, length: int, pad_value: float) -> Tensor:
     _check_unpack(values, cu_seqlens, length)
-    if common.check_values_now(cu_seqlens):
+    values, cu_seqlens = values.contiguous(), cu_seqlens.contiguous()
+    impl = UNPACK.select(values, cu_seqlens, length, pad_value)
+    if common.check_values_in_python(impl, cu_seqlens):
         common.check_cu_seqlens_values(cu_seqlens, values.shape[0], total_name="values.shape[0]")
         common.check_max_len(cu_seqlens, length, "length")
-    return UNPACK(values.contiguous(), cu_seqlens, length, pad_value)
+    return impl.fn(values, cu_seqlens, length, pad_value)
 
 
 @_unpack_op.register_fake
@@ -269,9 +269,11 @@ def _cls_tokens_triton(values, cu_seqlens):
 @torch.library.custom_op("adaptok::cls_tokens", mutates_args=())
 def _cls_tokens_op(values: Tensor, cu_seqlens: Tensor) -> Tensor:
     _check_cls_tokens(values, cu_seqlens)
-    if common.check_values_now(cu_seqlens):
+    values, cu_seqlens = values.contiguous(), cu_seqlens.contiguous()
+    impl = CLS_TOKENS.select(values, cu_seqlens)
+    if common.check_values_in_python(impl, cu_seqlens):
         common.check_cu_seqlens_values(cu_seqlens, values.shape[0], total_name="values.shape[0]")
-    return CLS_TOKENS(values.contiguous(), cu_seqlens)
+    return impl.fn(values, cu_seqlens)
 
 
 @_cls_tokens_op.register_fake
@@ -377,9 +379,12 @@ def _select_sequences_triton(values, cu_seqlens, seq_idx, cu_seqlens_out, total_
 @torch.library.custom_op("adaptok::select_sequences", mutates_args=())
 def _select_op(values: Tensor, cu_seqlens: Tensor, seq_idx: Tensor, cu_seqlens_out: Tensor, total_out: int) -> Tensor:
     _check_select(values, cu_seqlens, seq_idx, cu_seqlens_out, total_out)
-    if common.check_values_now(cu_seqlens):
+    values, cu_seqlens = values.contiguous(), cu_seqlens.contiguous()
+    seq_idx, cu_seqlens_out = seq_idx.contiguous(), cu_seqlens_out.contiguous()
+    impl = SELECT_SEQUENCES.select(values, cu_seqlens, seq_idx, cu_seqlens_out, total_out)
+    if common.check_values_in_python(impl, cu_seqlens):
         _check_select_values(values, cu_seqlens, seq_idx, cu_seqlens_out, total_out)
-    return SELECT_SEQUENCES(values.contiguous(), cu_seqlens, seq_idx, cu_seqlens_out, total_out)
+    return impl.fn(values, cu_seqlens, seq_idx, cu_seqlens_out, total_out)
 
 
 @_select_op.register_fake
