@@ -27,5 +27,4 @@ def bench_ragged(bench, op_name, provider):
         if reason is not None:
             pytest.skip(reason)
         fn = lambda: op.impls[provider].fn(*args)  # noqa: E731
-    result = bench(fn)
-    del result
+    bench(fn)
