@@ -25,11 +25,16 @@ def device_backend_id(pair):
     return f"{pair[0]}-{pair[1]}"
 
 
-@pytest.fixture(params=DEVICE_BACKENDS, ids=device_backend_id)
-def device_backend(request):
-    """(device, backend) pairs. CUDA cases are skipped without a GPU and run
-    with one; a missing extension fails when ADAPTOK_REQUIRE_EXTENSION=1 (CI)."""
-    device, backend = request.param
+def backend_pairs(op):
+    """The (device, backend) pairs for which ``op`` has an implementation."""
+    return [pair for pair in DEVICE_BACKENDS if pair[1] in op.impls]
+
+
+def use_device_backend(pair):
+    """Skip the (device, backend) pairs this machine cannot run: CUDA without a
+    GPU, Triton on CPU tensors outside the interpreter, a missing extension
+    (a failure when ADAPTOK_REQUIRE_EXTENSION=1, as in CI). Returns ``pair``."""
+    device, backend = pair
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     if device == "cpu" and backend == "triton" and not triton_interpreted():
@@ -39,7 +44,13 @@ def device_backend(request):
         if os.environ.get("ADAPTOK_REQUIRE_EXTENSION") == "1":
             pytest.fail(message)
         pytest.skip(message)
-    return request.param
+    return pair
+
+
+@pytest.fixture(params=DEVICE_BACKENDS, ids=device_backend_id)
+def device_backend(request):
+    """Every (device, backend) pair; see :func:`use_device_backend`."""
+    return use_device_backend(request.param)
 
 
 def require(op, backend, *args):

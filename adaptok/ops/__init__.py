@@ -2,5 +2,6 @@
 served by the backends of :mod:`adaptok.backends`; the ``*_reference``
 functions are their plain PyTorch specifications."""
 from .ragged import cls_tokens, pack, select_sequences, unpack
+from .varlen_attention import varlen_attention
 
-__all__ = ["cls_tokens", "pack", "select_sequences", "unpack"]
+__all__ = ["cls_tokens", "pack", "select_sequences", "unpack", "varlen_attention"]

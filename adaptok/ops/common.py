@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -29,9 +29,10 @@ def poison_outputs() -> Iterator[None]:
         _poison = previous
 
 
-def empty(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
-    """``torch.empty`` with ``like``'s dtype and device (poisoned in tests)."""
-    out = torch.empty(tuple(shape), dtype=like.dtype, device=like.device)
+def empty(shape: Sequence[int], like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``torch.empty`` on ``like``'s device with ``dtype`` (default: ``like``'s),
+    poisoned in tests."""
+    out = torch.empty(tuple(shape), dtype=dtype or like.dtype, device=like.device)
     if _poison:
         if out.is_floating_point() or out.is_complex():
             out.fill_(float("nan"))

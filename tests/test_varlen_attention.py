@@ -1,0 +1,370 @@
+"""adaptok.varlen_attention on every backend that implements it, against a
+float64 reference computed sequence by sequence, and against PyTorch's own
+error in the same low precision."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import adaptok
+from adaptok.ops.common import poison_outputs
+from adaptok.ops.varlen_attention import (VARLEN_ATTENTION, VARLEN_ATTENTION_BACKWARD,
+                                          varlen_attention_backward_reference, varlen_attention_reference)
+
+from conftest import backend_pairs, device_backend_id, require, use_device_backend
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+LENGTHS = {
+    "one": [1],
+    "short": [2, 1, 3],
+    "vit": [50, 197, 1, 2],
+    "random": None,  # drawn per seed below
+}
+
+
+@pytest.fixture(params=backend_pairs(VARLEN_ATTENTION), ids=device_backend_id)
+def attn_backend(request):
+    return use_device_backend(request.param)
+
+
+def supported(device, backend, dtype):
+    if device == "cpu" and backend == "triton" and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter computes bf16 tl.dot wrongly; bf16 runs on a GPU")
+
+
+def lengths_for(name, seed=0):
+    if LENGTHS[name] is not None:
+        return LENGTHS[name]
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, 130, (5,), generator=g).tolist()
+
+
+def make(lengths, heads, head_dim, dtype, device, seed=0, layout="qkv"):
+    """q, k, v ``[T, H, D]`` as the views a model produces: ``qkv`` slices of
+    ``[T, 3, H, D]`` (timm's layout), ``heads-first`` slices of
+    ``[3, H, T, D]``, or ``contiguous``."""
+    g = torch.Generator().manual_seed(seed)
+    T = sum(lengths)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    if layout == "qkv":
+        q, k, v = torch.randn(T, 3, heads, head_dim, generator=g).to(device, dtype).unbind(1)
+    elif layout == "heads-first":
+        q, k, v = torch.randn(3, heads, T, head_dim, generator=g).to(device, dtype).permute(0, 2, 1, 3).unbind(0)
+    else:
+        q, k, v = (torch.randn(T, heads, head_dim, generator=g).to(device, dtype) for _ in range(3))
+    return q, k, v, cu, max(lengths)
+
+
+def reference64(q, k, v, cu, max_seqlen, scale=None):
+    """Float64 out, lse and cls_attn (head mean of the CLS rows)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out, lse, cls = varlen_attention_reference(q.double(), k.double(), v.double(), cu, max_seqlen, scale, True)
+    return out, lse, cls.mean(0)
+
+
+def sdpa_per_sequence(q, k, v, cu, scale=None):
+    """PyTorch's fused attention, sequence by sequence, in q's dtype."""
+    bounds = cu.tolist()
+    outs = [F.scaled_dot_product_attention(*(x[s:e].transpose(0, 1)[None] for x in (q, k, v)), scale=scale)[0]
+            for s, e in zip(bounds[:-1], bounds[1:])]
+    return torch.cat([o.transpose(0, 1) for o in outs])
+
+
+def max_err(actual, expected):
+    return (actual.double() - expected.double()).abs().max().item()
+
+
+def floor(dtype):
+    """Errors below a few units in the last place are not meaningful."""
+    return 4 * torch.finfo(dtype).eps
+
+
+def run(backend, *args, **kwargs):
+    with adaptok.backend(backend), poison_outputs():
+        return adaptok.varlen_attention(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------- forward
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("lengths", list(LENGTHS))
+def test_forward(attn_backend, dtype, lengths):
+    """out within twice PyTorch's error for the same inputs; lse and cls_attn
+    (kept in fp32 inside the kernel) close to float64 in every dtype."""
+    device, backend = attn_backend
+    dtype = DTYPES[dtype]
+    supported(device, backend, dtype)
+    q, k, v, cu, max_seqlen = make(lengths_for(lengths), 2, 32, dtype, device)
+    require(VARLEN_ATTENTION, backend, q, k, v, cu, max_seqlen, 0.1, True)
+    out, lse, cls_attn = run(backend, q, k, v, cu, max_seqlen, return_lse=True, return_cls_attn=True)
+    ref_out, ref_lse, ref_cls = reference64(q, k, v, cu, max_seqlen)
+
+    assert out.dtype == dtype and out.shape == q.shape
+    assert lse.dtype == torch.float32 and lse.shape == (2, q.shape[0])
+    assert cls_attn.dtype == torch.float32 and cls_attn.shape == (q.shape[0],)
+    torch_err = max_err(sdpa_per_sequence(q, k, v, cu), ref_out)
+    assert max_err(out, ref_out) <= 2 * torch_err + floor(dtype), (max_err(out, ref_out), torch_err)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cls_attn.double(), ref_cls, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("head_dim", [16, 32, 64, 80, 128])
+def test_head_dims(attn_backend, head_dim):
+    device, backend = attn_backend
+    q, k, v, cu, max_seqlen = make([50, 3, 70], 2, head_dim, torch.float32, device)
+    require(VARLEN_ATTENTION, backend, q, k, v, cu, max_seqlen, 0.1, True)
+    out, lse, cls_attn = run(backend, q, k, v, cu, max_seqlen, return_lse=True, return_cls_attn=True)
+    ref_out, ref_lse, ref_cls = reference64(q, k, v, cu, max_seqlen)
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cls_attn.double(), ref_cls, rtol=1e-5, atol=1e-6)
+
+
+def test_long_sequences(attn_backend):
+    """Lengths up to 1024 next to one-token sequences."""
+    device, backend = attn_backend
+    q, k, v, cu, max_seqlen = make([1, 1024, 1, 300], 1, 32, torch.float16, device)
+    out, lse, cls_attn = run(backend, q, k, v, cu, max_seqlen, return_lse=True, return_cls_attn=True)
+    ref_out, ref_lse, ref_cls = reference64(q, k, v, cu, max_seqlen)
+    assert max_err(out, ref_out) <= 2 * max_err(sdpa_per_sequence(q, k, v, cu), ref_out) + floor(torch.float16)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cls_attn.double(), ref_cls, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["qkv", "heads-first", "contiguous"])
+def test_layouts_and_scale(attn_backend, layout):
+    """Strided views of a packed projection are read in place; a custom scale."""
+    device, backend = attn_backend
+    q, k, v, cu, max_seqlen = make([50, 20, 1], 3, 32, torch.float32, device, layout=layout)
+    out, lse = run(backend, q, k, v, cu, max_seqlen, scale=0.3, return_lse=True)
+    ref_out, ref_lse, _ = reference64(q, k, v, cu, max_seqlen, scale=0.3)
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_qkv_views_are_not_copied():
+    from adaptok.ops.varlen_attention import _last_dim_contiguous
+
+    qkv = torch.randn(10, 3, 2, 8)
+    for x in qkv.unbind(1):
+        assert _last_dim_contiguous(x) is x
+
+
+def test_return_flags_and_cls_attn_properties(attn_backend):
+    """The flags choose the outputs; each sequence's cls_attn sums to 1."""
+    device, backend = attn_backend
+    q, k, v, cu, max_seqlen = make([50, 7, 1], 2, 32, torch.float32, device)
+    out = run(backend, q, k, v, cu, max_seqlen)
+    assert isinstance(out, torch.Tensor)
+    out2, lse = run(backend, q, k, v, cu, max_seqlen, return_lse=True)
+    out3, cls_attn = run(backend, q, k, v, cu, max_seqlen, return_cls_attn=True)
+    torch.testing.assert_close(out2, out)
+    torch.testing.assert_close(out3, out)
+    sums = torch.stack([cls_attn[s:e].sum() for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())])
+    torch.testing.assert_close(sums, torch.ones_like(sums))
+
+
+# ---------------------------------------------------------------------- backward
+
+
+def grads64(q, k, v, cu, max_seqlen, g_out, g_lse=None, g_cls=None):
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    out, lse, cls = reference64(*leaves, cu, max_seqlen)
+    loss = (out * g_out.double()).sum()
+    if g_lse is not None:
+        loss = loss + (lse * g_lse.double()).sum() + (cls * g_cls.double()).sum()
+    return torch.autograd.grad(loss, leaves)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("through", ["out", "out+lse+cls_attn"])
+def test_gradients(attn_backend, dtype, through):
+    """dq, dk, dv against autograd on the float64 reference, within twice the
+    error of PyTorch in the same dtype: SDPA's backward for gradients through
+    out, the plain PyTorch backward computed in that dtype when lse and
+    cls_attn (which SDPA cannot return) contribute."""
+    device, backend = attn_backend
+    dtype = DTYPES[dtype]
+    supported(device, backend, dtype)
+    lengths = [50, 1, 2, 97]
+    q, k, v, cu, max_seqlen = make(lengths, 2, 32, dtype, device, seed=3)
+    T = q.shape[0]
+    g = torch.Generator().manual_seed(4)
+    g_out = torch.randn(T, 2, 32, generator=g).to(device, dtype)
+    g_lse = torch.randn(2, T, generator=g).to(device) if through != "out" else None
+    g_cls = torch.randn(T, generator=g).to(device) if through != "out" else None
+    expected = grads64(q, k, v, cu, max_seqlen, g_out, g_lse, g_cls)
+
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    with adaptok.backend(backend), poison_outputs():
+        if through == "out":
+            out = adaptok.varlen_attention(*leaves, cu, max_seqlen)
+            actual = torch.autograd.grad(out, leaves, g_out)
+        else:
+            out, lse, cls_attn = adaptok.varlen_attention(*leaves, cu, max_seqlen, return_lse=True, return_cls_attn=True)
+            actual = torch.autograd.grad([out, lse, cls_attn], leaves, [g_out, g_lse, g_cls])
+
+    if through == "out":
+        low = [x.detach().requires_grad_() for x in (q, k, v)]
+        baseline = torch.autograd.grad(sdpa_per_sequence(*low, cu), low, g_out)
+    else:
+        scale = 32 ** -0.5
+        g_cls_heads = (g_cls / 2).expand(2, T)
+        baseline = varlen_attention_backward_reference(g_out, g_lse, g_cls_heads, q, k, v, None, None, None, cu,
+                                                       max_seqlen, scale, compute_dtype=dtype)
+    for name, a, e, b in zip("qkv", actual, expected, baseline):
+        assert a.dtype == dtype and a.shape == q.shape
+        err, torch_err = max_err(a, e), max_err(b, e)
+        assert err <= 2 * torch_err + floor(dtype) * e.abs().max().item(), (name, err, torch_err)
+
+
+def test_gradcheck_float64():
+    """The torch backend's analytic backward against finite differences."""
+    q, k, v, cu, max_seqlen = make([3, 1, 4], 2, 4, torch.float64, "cpu")
+
+    def f(q, k, v):
+        out, lse, cls_attn = adaptok.varlen_attention(q, k, v, cu, max_seqlen, return_lse=True, return_cls_attn=True)
+        return out, lse, cls_attn
+
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    with adaptok.backend("torch"):
+        assert torch.autograd.gradcheck(f, leaves)
+
+
+# ------------------------------------------------------------ custom op, compile
+
+
+def test_opcheck(attn_backend):
+    """Schema, fake tensors, autograd registration and AOT dispatch of both ops."""
+    device, backend = attn_backend
+    q, k, v, cu, max_seqlen = make([5, 1, 9], 2, 16, torch.float32, device)
+    T = q.shape[0]
+    with adaptok.backend(backend):
+        for return_cls in (False, True):
+            args = (q, k, v, cu, max_seqlen, 0.25, return_cls)
+            torch.library.opcheck(torch.ops.adaptok.varlen_attention.default, args)
+            out, lse, cls = torch.ops.adaptok.varlen_attention(*args)
+            dcls = torch.randn(2, T, device=device) if return_cls else None
+            for dlse in (None, torch.randn(2, T, device=device)):
+                torch.library.opcheck(torch.ops.adaptok.varlen_attention_backward.default,
+                                      (torch.randn_like(out), dlse, dcls, q, k, v, out, lse, cls, cu, max_seqlen, 0.25))
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compile_fullgraph(attn_backend, compiler):
+    """A block-like function around the op (projection views, cls_attn, a
+    backward) traces into one graph and matches eager."""
+    device, backend = attn_backend
+    q, k, v, cu, max_seqlen = make([9, 1, 5], 2, 16, torch.float32, device)
+    qkv = torch.stack([q, k, v], 1).detach().requires_grad_()
+
+    def f(qkv):
+        out, cls_attn = adaptok.varlen_attention(*(2 * qkv).unbind(1), cu, max_seqlen, return_cls_attn=True)
+        return out.sum(-1) * cls_attn[:, None]
+
+    with adaptok.backend(backend):
+        torch._dynamo.reset()
+        compiled = torch.compile(f, fullgraph=True, backend=compiler)
+        actual = compiled(qkv)
+        expected = f(qkv)
+        torch.testing.assert_close(actual, expected)
+        (g_actual,) = torch.autograd.grad(actual.sum(), qkv)
+        (g_expected,) = torch.autograd.grad(expected.sum(), qkv)
+        torch.testing.assert_close(g_actual, g_expected)
+
+
+# ------------------------------------------------------------------------- GPU
+
+
+def test_gpu_does_not_sync(attn_backend):
+    """Forward and backward with device cu_seqlens and a host max_seqlen never
+    wait for the GPU."""
+    device, backend = attn_backend
+    if device != "cuda":
+        pytest.skip("a CUDA sync check")
+    if backend == "torch":
+        pytest.skip("the torch reference reads cu_seqlens on the host by design")
+    q, k, v, cu, max_seqlen = make([50, 197, 1], 2, 64, torch.float16, device)
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    torch.cuda.synchronize()
+    with adaptok.backend(backend):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out, cls_attn = adaptok.varlen_attention(*leaves, cu, max_seqlen, return_cls_attn=True)
+            torch.autograd.grad([out, cls_attn], leaves, [torch.ones_like(out), torch.ones_like(cls_attn)])
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+def test_gpu_kernel_stays_in_bounds_for_malformed_offsets():
+    """cu_seqlens values are not checked on the GPU: the kernels must not
+    write outside their outputs. Guard rows around them keep their values."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from adaptok.kernels import varlen_attention as kernels
+
+    T, H, D = 40, 2, 32
+    q, k, v = torch.randn(3, T, H, D, device="cuda", dtype=torch.float16).unbind(0)
+    cu = torch.tensor([0, 30, 5, 1_000_000, 40], dtype=torch.int32, device="cuda")
+    guarded = torch.full((T + 8, H, D), 7.0, device="cuda", dtype=torch.float16)
+    stats = torch.full((3, H, T + 8), 7.0, device="cuda")
+    out, lse, cls = guarded[4:-4], stats[0, :, 4:-4], stats[1, :, 4:-4]
+    kernels.forward(q, k, v, cu, 64, 0.1, out, lse, cls)
+    torch.cuda.synchronize()
+    assert torch.all(guarded[:4] == 7) and torch.all(guarded[-4:] == 7)
+    assert torch.all(stats[:2, :, :4] == 7) and torch.all(stats[:2, :, -4:] == 7)
+
+
+# -------------------------------------------------------------------- bad input
+
+
+def test_errors_name_the_argument():
+    q, k, v, cu, max_seqlen = make([3, 2], 2, 8, torch.float32, "cpu")
+    cases = [
+        (lambda: adaptok.varlen_attention(q, k[:4], v, cu, 3), ValueError, "k must have the shape of q"),
+        (lambda: adaptok.varlen_attention(q, k, v.half(), cu, 3), TypeError, "v must have the dtype of q"),
+        (lambda: adaptok.varlen_attention(q[0], k, v, cu, 3), ValueError, "q must have shape"),
+        (lambda: adaptok.varlen_attention(q.int(), k.int(), v.int(), cu, 3), TypeError, "floating point"),
+        (lambda: adaptok.varlen_attention(q, k, v, cu.long(), 3), TypeError, "cu_seqlens must be int32"),
+        (lambda: adaptok.varlen_attention(q, k, v, cu[:1], 3), ValueError, "cu_seqlens must be 1-D"),
+        (lambda: adaptok.varlen_attention(q, k, v, torch.tensor([0, 3, 4], dtype=torch.int32), 3), ValueError,
+         r"cu_seqlens\[-1\] must equal q.shape\[0\] = 5"),
+        (lambda: adaptok.varlen_attention(q, k, v, torch.tensor([0, 3, 3, 5], dtype=torch.int32), 3), ValueError,
+         "strictly increasing"),
+        (lambda: adaptok.varlen_attention(q, k, v, cu, 2), ValueError, "more than max_seqlen = 2"),
+        (lambda: adaptok.varlen_attention(q, k, v, cu, 0), ValueError, "max_seqlen must be >= 1"),
+        (lambda: adaptok.varlen_attention(q, k, v, cu, torch.tensor(3)), TypeError, "max_seqlen must be a host int"),
+        (lambda: adaptok.varlen_attention(q, k, v, cu, 3, scale=math.inf), ValueError, "scale must be finite"),
+        (lambda: adaptok.varlen_attention(q, k, v, [0, 3, 5], 3), TypeError, "cu_seqlens must be a torch.Tensor"),
+    ]
+    for fn, kind, message in cases:
+        with pytest.raises(kind, match=message):
+            fn()
+
+
+def test_unsupported_head_dim_falls_back_or_names_the_reason():
+    """The Triton kernel serves head dims up to 128: larger ones run on the
+    torch backend, and forcing Triton says why it cannot."""
+    q, k, v, cu, max_seqlen = make([3, 2], 1, 160, torch.float32, "cpu")
+    reason = VARLEN_ATTENTION.why_not("triton", q, k, v, cu, max_seqlen, 0.1, False)
+    assert reason is not None and "head dim up to 128, got 160" in reason
+    with adaptok.backend("triton"), pytest.raises(adaptok.BackendError, match="head dim up to 128"):
+        adaptok.varlen_attention(q, k, v, cu, max_seqlen)
+    torch.testing.assert_close(adaptok.varlen_attention(q, k, v, cu, max_seqlen).double(),
+                               reference64(q, k, v, cu, max_seqlen)[0])
+
+
+def test_mixed_devices():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    q, k, v, cu, max_seqlen = make([3, 2], 2, 8, torch.float32, "cuda")
+    with pytest.raises(ValueError, match="k must be on the same device as q"):
+        adaptok.varlen_attention(q, k.cpu(), v, cu, max_seqlen)
+    with pytest.raises(ValueError, match="cu_seqlens must be on the same device as q"):
+        adaptok.varlen_attention(q, k, v, cu.cpu(), max_seqlen)
+
+
+def test_backward_op_is_registered_for_the_same_backends():
+    assert set(VARLEN_ATTENTION_BACKWARD.impls) == set(VARLEN_ATTENTION.impls)
