@@ -82,3 +82,43 @@ def environment(device: torch.device) -> dict:
         "extension": extension_status(),
         "threads": torch.get_num_threads(),
     }
+
+
+# Dense (no sparsity) fp16/bf16 tensor-core rate in TFLOP/s and memory
+# bandwidth in GB/s, from the vendor datasheets, keyed by a substring of
+# torch.cuda.get_device_name(); the first match wins.
+PEAKS = (
+    ("H200", 989.0, 4800.0),
+    ("H100 PCIe", 756.0, 2000.0),
+    ("H100 NVL", 835.0, 3900.0),
+    ("H100", 989.0, 3350.0),  # SXM (HBM3)
+)
+
+
+def peaks(device_name: str):
+    """``(tflops, gbps)`` of a known GPU, else ``None``."""
+    for key, tflops, gbps in PEAKS:
+        if key in device_name:
+            return tflops, gbps
+    return None
+
+
+def attention_work(lengths, heads: int, head_dim: int, element_size: int, *, backward: bool = False,
+                   cls: bool = False) -> dict:
+    """Useful FLOPs and the fewest bytes of variable-length attention.
+
+    Forward: ``Q K^T`` and ``P V``, ``4 H D sum(N^2)`` FLOPs; reads q, k, v
+    and writes out (``4 T H D`` elements) plus fp32 lse (and cls) ``[H, T]``.
+    Backward adds ``dV``, ``dP``, ``dQ``, ``dK`` (2.5x the forward FLOPs, no
+    recomputation counted), reads q, k, v, out, dout, lse and writes dq, dk,
+    dv. The two floors of a time are ``flops / peak rate`` and ``bytes /
+    bandwidth``.
+    """
+    total = sum(lengths)
+    flops = 4 * heads * head_dim * sum(n * n for n in lengths)
+    stats = 4 * heads * total
+    nbytes = 4 * total * heads * head_dim * element_size + stats * (2 if cls else 1)
+    if backward:
+        flops = flops * 7 // 2
+        nbytes += 8 * total * heads * head_dim * element_size + 2 * stats
+    return {"flops": flops, "bytes": nbytes}

@@ -19,10 +19,14 @@ ON_GPU = DEVICE.type == "cuda"
 @pytest.fixture
 def bench(benchmark):
     """``benchmark`` that synchronizes the GPU around each call and records
-    the environment."""
+    the environment. One untimed call first compiles what needs compiling."""
     benchmark.extra_info.update(environment(DEVICE))
 
     def run(fn):
+        fn()
+        if ON_GPU:
+            torch.cuda.synchronize()
+
         def call():
             fn()
             if ON_GPU:

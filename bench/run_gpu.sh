@@ -3,7 +3,9 @@
 # Usage: bench/run_gpu.sh OUT_DIR   (needs torch, triton, pytest and
 # pytest-benchmark installed; builds the extension for sm_90 unless
 # ADAPTOK_CUDA_ARCHS says otherwise). Writes into OUT_DIR: info.txt, tests.txt,
-# bench.json (pytest-benchmark) and ragged.json (adaptok-bench).
+# bench.json (pytest-benchmark), report.md (bench/report.py: times against the
+# floors) and ragged.json (adaptok-bench). Extra arguments go to the benchmark
+# run (e.g. -k "256img-H6-50_50").
 set -uo pipefail
 out=${1:?usage: bench/run_gpu.sh OUT_DIR}
 mkdir -p "$out"
@@ -14,6 +16,9 @@ pip install --no-build-isolation --no-deps -e . >"$out/build.txt" 2>&1 || { tail
 python -m adaptok.info | tee "$out/info.txt"
 python -m pytest tests -q -rs 2>&1 | tee "$out/tests.txt"
 tests_rc=${PIPESTATUS[0]}
-python -m pytest bench -q --benchmark-json "$out/bench.json" 2>&1 | tail -40
+shift
+python -m pytest bench -q -rs --benchmark-max-time=0.25 --benchmark-json "$out/bench.json" "$@" >"$out/bench.txt" 2>&1
+tail -20 "$out/bench.txt"
+python bench/report.py "$out/bench.json" | tee "$out/report.md"
 adaptok-bench --out "$out"
 exit "$tests_rc"

@@ -64,6 +64,28 @@ def _store_rows(base, rows, stride_t, offs_d, row_mask, D, x):
 
 
 @triton.jit
+def _span(start, b0, offs, n, T):
+    """Packed rows ``start + b0 + offs`` and their mask (inside the sequence
+    and the tensor)."""
+    rows = start + b0 + offs
+    return rows, (b0 + offs < n) & (rows < T)
+
+
+@triton.jit
+def _kv(k, v, rows, mask, sk_t, sv_t, offs_d, D):
+    return _rows(k, rows, sk_t, offs_d, mask, D), _rows(v, rows, sv_t, offs_d, mask, D)
+
+
+@triton.jit
+def _query_side(q, dout, lse, delta, rows, mask, sq_t, sdo_t, offs_d, D):
+    """q, dO, lse (base 2) and delta of a query block, for the backward."""
+    qt = _rows(q, rows, sq_t, offs_d, mask, D)
+    dot = _rows(dout, rows, sdo_t, offs_d, mask, D)
+    lse2 = tl.load(lse + rows, mask=mask, other=0.0) * 1.4426950408889634
+    return qt, dot, lse2, tl.load(delta + rows, mask=mask, other=0.0)
+
+
+@triton.jit
 def _mm(a, b, PRECISION: tl.constexpr):
     """``a @ b`` in b's dtype with fp32 accumulation (``a`` is cast, so fp32
     probabilities meet fp16/bf16 values on the tensor cores)."""
@@ -92,10 +114,8 @@ def _fwd_kernel(q, k, v, out, lse, cls, cu_seqlens, batch, search_steps, T, D, q
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for n0 in range(0, n, BLOCK_N):
-            rows_n = start + n0 + offs_n
-            mask_n = (n0 + offs_n < n) & (rows_n < T)
-            kt = _rows(k, rows_n, sk_t, offs_d, mask_n, D)
-            vt = _rows(v, rows_n, sv_t, offs_d, mask_n, D)
+            rows_n, mask_n = _span(start, n0, offs_n, n, T)
+            kt, vt = _kv(k, v, rows_n, mask_n, sk_t, sv_t, offs_d, D)
             s = tl.where(mask_n[None, :], _mm(qt, tl.trans(kt), PRECISION) * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
@@ -115,8 +135,7 @@ def _fwd_kernel(q, k, v, out, lse, cls, cu_seqlens, batch, search_steps, T, D, q
                 lse_cls = tl.sum(tl.where(offs_m == 0, lse2, 0.0), 0)
                 q_cls = tl.sum(tl.where((offs_m == 0)[:, None], qt.to(tl.float32), 0.0), 0)
                 for n0 in range(0, n, BLOCK_N):
-                    rows_n = start + n0 + offs_n
-                    mask_n = (n0 + offs_n < n) & (rows_n < T)
+                    rows_n, mask_n = _span(start, n0, offs_n, n, T)
                     kt = _rows(k, rows_n, sk_t, offs_d, mask_n, D).to(tl.float32)
                     s_cls = tl.sum(kt * q_cls[None, :], 1) * qk_scale
                     tl.store(cls + h * T + rows_n, tl.exp2(s_cls - lse_cls), mask=mask_n)
@@ -176,19 +195,13 @@ def _bwd_kernel(q, k, v, dout, lse, delta, dcls, dq, dk, dv, cu_seqlens, batch, 
     if pid < n_slots:
         start, n, j0 = _locate(cu_seqlens, batch, search_steps, pid, BLOCK)
         if j0 < n:
-            rows_n = start + j0 + offs
-            mask_n = (j0 + offs < n) & (rows_n < T)
-            kt = _rows(k, rows_n, sk_t, offs_d, mask_n, D)
-            vt = _rows(v, rows_n, sv_t, offs_d, mask_n, D)
+            rows_n, mask_n = _span(start, j0, offs, n, T)
+            kt, vt = _kv(k, v, rows_n, mask_n, sk_t, sv_t, offs_d, D)
             dk_acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)
             dv_acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)
             for i0 in range(0, n, BLOCK):
-                rows_m = start + i0 + offs
-                mask_m = (i0 + offs < n) & (rows_m < T)
-                qt = _rows(q, rows_m, sq_t, offs_d, mask_m, D)
-                dot = _rows(dout, rows_m, sdo_t, offs_d, mask_m, D)
-                lse2 = tl.load(lse + rows_m, mask=mask_m, other=0.0) * 1.4426950408889634
-                d_i = tl.load(delta + rows_m, mask=mask_m, other=0.0)
+                rows_m, mask_m = _span(start, i0, offs, n, T)
+                qt, dot, lse2, d_i = _query_side(q, dout, lse, delta, rows_m, mask_m, sq_t, sdo_t, offs_d, D)
                 # Transposed tiles: [keys, queries].
                 st = _mm(kt, tl.trans(qt), PRECISION)
                 pt = tl.where(mask_m[None, :], tl.exp2(st * qk_scale - lse2[None, :]), 0.0)
@@ -204,18 +217,12 @@ def _bwd_kernel(q, k, v, dout, lse, delta, dcls, dq, dk, dv, cu_seqlens, batch, 
     else:
         start, n, i0 = _locate(cu_seqlens, batch, search_steps, pid - n_slots, BLOCK)
         if i0 < n:
-            rows_m = start + i0 + offs
-            mask_m = (i0 + offs < n) & (rows_m < T)
-            qt = _rows(q, rows_m, sq_t, offs_d, mask_m, D)
-            dot = _rows(dout, rows_m, sdo_t, offs_d, mask_m, D)
-            lse2 = tl.load(lse + rows_m, mask=mask_m, other=0.0) * 1.4426950408889634
-            d_i = tl.load(delta + rows_m, mask=mask_m, other=0.0)
+            rows_m, mask_m = _span(start, i0, offs, n, T)
+            qt, dot, lse2, d_i = _query_side(q, dout, lse, delta, rows_m, mask_m, sq_t, sdo_t, offs_d, D)
             dq_acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)
             for j0 in range(0, n, BLOCK):
-                rows_n = start + j0 + offs
-                mask_n = (j0 + offs < n) & (rows_n < T)
-                kt = _rows(k, rows_n, sk_t, offs_d, mask_n, D)
-                vt = _rows(v, rows_n, sv_t, offs_d, mask_n, D)
+                rows_n, mask_n = _span(start, j0, offs, n, T)
+                kt, vt = _kv(k, v, rows_n, mask_n, sk_t, sv_t, offs_d, D)
                 s = _mm(qt, tl.trans(kt), PRECISION)
                 p = tl.where(mask_n[None, :], tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
                 dp = _mm(dot, tl.trans(vt), PRECISION)
