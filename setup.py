@@ -62,7 +62,10 @@ def _extension():
         and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
         and os.environ.get("ADAPTOK_NO_CUDA") != "1"
     )
-    cxx = ["-O3"]
+    # OpenMP: at::parallel_for in the CPU kernels is inline code that runs
+    # serially unless the extension itself is compiled with it.
+    cxx = ["-O3", "-fopenmp"]
+    link = ["-fopenmp"]
     if with_cuda:
         archs = os.environ.get("ADAPTOK_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0"
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
@@ -71,9 +74,10 @@ def _extension():
             sources + cu_sources,
             define_macros=[("ADAPTOK_WITH_CUDA", None), ("ADAPTOK_CUDA_ARCHS", _arch_tokens(archs))],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]},
+            extra_link_args=link,
         )
     else:
-        ext = CppExtension("adaptok._C", sources, extra_compile_args={"cxx": cxx})
+        ext = CppExtension("adaptok._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
