@@ -119,7 +119,8 @@ class Impl:
 
     ``dtypes``: dtypes served (``None``: any). ``ext_op``: the extension op it
     calls, checked to exist. ``check(*args) -> reason | None``: further limits
-    (head dims, sizes...).
+    (head dims, sizes...). ``note``: shown by ``python -m adaptok.info`` next
+    to "ok", e.g. when the backend runs another backend's code.
     """
 
     backend: str
@@ -127,6 +128,7 @@ class Impl:
     dtypes: Optional[frozenset] = None
     ext_op: Optional[str] = None
     check: Optional[Callable[..., Optional[str]]] = None
+    note: Optional[str] = None
 
 
 class Op:
@@ -134,22 +136,25 @@ class Op:
 
     ``subject(*args)`` returns the tensor whose device and dtype decide which
     backends qualify; ``example(device, dtype)`` returns sample arguments for
-    ``python -m adaptok.info``.
+    ``python -m adaptok.info``; ``preference`` overrides :data:`PREFERENCE`
+    for some device types.
     """
 
-    def __init__(self, name: str, subject: Callable[..., torch.Tensor], example: Callable[..., tuple]):
+    def __init__(self, name: str, subject: Callable[..., torch.Tensor], example: Callable[..., tuple],
+                 preference: Optional[dict[str, tuple[str, ...]]] = None):
         self.name = name
         self.subject = subject
         self.example = example
+        self.preference = {**PREFERENCE, **(preference or {})}
         self.impls: dict[str, Impl] = {}
         REGISTRY[name] = self
 
-    def register(self, backend: str, *, dtypes=None, ext_op=None, check=None):
+    def register(self, backend: str, *, dtypes=None, ext_op=None, check=None, note=None):
         """Decorator: register ``fn`` as this op's ``backend`` implementation."""
         _check_name(backend)
 
         def wrap(fn):
-            self.impls[backend] = Impl(backend, fn, frozenset(dtypes) if dtypes else None, ext_op, check)
+            self.impls[backend] = Impl(backend, fn, frozenset(dtypes) if dtypes else None, ext_op, check, note)
             return fn
 
         return wrap
@@ -187,7 +192,7 @@ class Op:
                 return self.impls[forced]
             raise BackendError(self._report(f"backend {forced!r} is forced but cannot serve these inputs", args))
         device = self.subject(*args).device.type
-        for name in PREFERENCE.get(device, ("torch",)):
+        for name in self.preference.get(device, ("torch",)):
             if self.why_not(name, *args) is None:
                 return self.impls[name]
         raise BackendError(self._report("no backend can serve these inputs", args))

@@ -79,7 +79,9 @@ def report(device: torch.device, dtype: torch.dtype) -> str:
             chosen = None
         for i, b in enumerate(BACKENDS):
             mark = "*" if b == chosen else "+" if reasons[b] is None else "-"
-            lines.append(f"  {name if i == 0 else '':{width}s}  {b:7s} {mark} {reasons[b] or 'ok'}")
+            note = op.impls[b].note if reasons[b] is None and op.impls[b].note else None
+            status = reasons[b] or (f"ok: {note}" if note else "ok")
+            lines.append(f"  {name if i == 0 else '':{width}s}  {b:7s} {mark} {status}")
     return "\n".join(lines)
 
 

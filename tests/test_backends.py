@@ -25,13 +25,9 @@ def sample(device="cpu", dtype=torch.float32):
     return values, torch.tensor([0, 2, 6], dtype=torch.int32, device=device)
 
 
-# The backends each op is expected to have (the C++ attention kernels are
-# still to come).
-EXPECTED_BACKENDS = {
-    **{name: set(BACKENDS) for name in ("pack", "unpack", "cls_tokens", "select_sequences")},
-    "varlen_attention": {"triton", "torch"},
-    "varlen_attention_backward": {"triton", "torch"},
-}
+# The backends each op is expected to have.
+EXPECTED_BACKENDS = {name: set(BACKENDS) for name in (
+    "pack", "unpack", "cls_tokens", "select_sequences", "varlen_attention", "varlen_attention_backward")}
 
 
 def test_every_op_has_a_reference_and_its_backends():
@@ -61,6 +57,16 @@ def test_automatic_choice_follows_the_preference():
         assert op.select(values, cu).backend == "torch"
         with adaptok.backend(None):
             assert op.select(values, cu).backend == expected
+
+
+def test_an_op_can_override_the_preference():
+    """varlen_attention tries Triton before the CUDA kernel on CUDA tensors;
+    other ops keep the global order."""
+    from adaptok.backends import PREFERENCE
+
+    assert REGISTRY["varlen_attention"].preference["cuda"] == ("triton", "cuda", "torch")
+    assert REGISTRY["varlen_attention"].preference["cpu"] == PREFERENCE["cpu"]
+    assert REGISTRY["pack"].preference == PREFERENCE
 
 
 def test_unknown_backend_name():
@@ -147,3 +153,12 @@ def test_info_prints_the_table():
     for name in REGISTRY:
         assert name in out
     assert "* ok" in out  # an automatic choice is marked
+
+
+
+def test_info_says_when_a_backend_runs_another_backends_code():
+    result = subprocess.run([sys.executable, "-m", "adaptok.info", "--device", "cpu"], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    if adaptok._ext.error() is None:
+        assert "cpu     * ok: the torch reference (there is no CPU backward kernel)" in result.stdout

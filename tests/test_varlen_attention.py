@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import adaptok
 from adaptok.ops.common import poison_outputs
-from adaptok.ops.varlen_attention import (VARLEN_ATTENTION, VARLEN_ATTENTION_BACKWARD,
+from adaptok.ops.varlen_attention import (CUDA_HEAD_DIMS, VARLEN_ATTENTION, VARLEN_ATTENTION_BACKWARD,
                                           varlen_attention_backward_reference, varlen_attention_reference)
 
 from conftest import backend_pairs, device_backend_id, require, use_device_backend
@@ -28,9 +28,19 @@ def attn_backend(request):
     return use_device_backend(request.param)
 
 
-def supported(device, backend, dtype):
+def supported(device, backend, dtype, head_dim=32):
     if device == "cpu" and backend == "triton" and dtype == torch.bfloat16:
         pytest.skip("the Triton interpreter computes bf16 tl.dot wrongly; bf16 runs on a GPU")
+    if backend == "cuda" and dtype == torch.float32:
+        pytest.skip("the CUDA kernel serves fp16 and bf16 (fp32 runs on Triton)")
+    if backend == "cuda" and head_dim not in CUDA_HEAD_DIMS:
+        pytest.skip(f"the CUDA kernel serves head dims {CUDA_HEAD_DIMS}")
+
+
+def native_dtype(backend):
+    """A dtype every backend's kernel serves: fp16 for the CUDA kernel, fp32
+    for the others."""
+    return torch.float16 if backend == "cuda" else torch.float32
 
 
 def lengths_for(name, seed=0):
@@ -43,11 +53,15 @@ def lengths_for(name, seed=0):
 def make(lengths, heads, head_dim, dtype, device, seed=0, layout="qkv"):
     """q, k, v ``[T, H, D]`` as the views a model produces: ``qkv`` slices of
     ``[T, 3, H, D]`` (timm's layout), ``heads-first`` slices of
-    ``[3, H, T, D]``, or ``contiguous``."""
+    ``[3, H, T, D]``, ``misaligned`` (``qkv`` one element into its storage),
+    or ``contiguous``."""
     g = torch.Generator().manual_seed(seed)
     T = sum(lengths)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
-    if layout == "qkv":
+    if layout == "misaligned":  # views one element into their storage: no 16-byte alignment
+        flat = torch.randn(3 * T * heads * head_dim + 1, generator=g).to(device, dtype)
+        q, k, v = flat[1:].view(T, 3, heads, head_dim).unbind(1)
+    elif layout == "qkv":
         q, k, v = torch.randn(T, 3, heads, head_dim, generator=g).to(device, dtype).unbind(1)
     elif layout == "heads-first":
         q, k, v = torch.randn(3, heads, T, head_dim, generator=g).to(device, dtype).permute(0, 2, 1, 3).unbind(0)
@@ -80,6 +94,19 @@ def floor(dtype):
     return 4 * torch.finfo(dtype).eps
 
 
+def assert_matches_reference(out, lse, cls_attn, q, k, v, cu, max_seqlen, scale=None):
+    """out within twice PyTorch's own error on the same inputs (SDPA in q's
+    dtype, against float64); lse and cls_attn, kept in fp32 inside every
+    kernel, close to float64."""
+    ref_out, ref_lse, ref_cls = reference64(q, k, v, cu, max_seqlen, scale)
+    torch_err = max_err(sdpa_per_sequence(q, k, v, cu, scale), ref_out)
+    assert max_err(out, ref_out) <= 2 * torch_err + floor(q.dtype), (max_err(out, ref_out), torch_err)
+    if lse is not None:
+        torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+    if cls_attn is not None:
+        torch.testing.assert_close(cls_attn.double(), ref_cls, rtol=1e-5, atol=1e-6)
+
+
 def run(backend, *args, **kwargs):
     with adaptok.backend(backend), poison_outputs():
         return adaptok.varlen_attention(*args, **kwargs)
@@ -99,27 +126,22 @@ def test_forward(attn_backend, dtype, lengths):
     q, k, v, cu, max_seqlen = make(lengths_for(lengths), 2, 32, dtype, device)
     require(VARLEN_ATTENTION, backend, q, k, v, cu, max_seqlen, 0.1, True)
     out, lse, cls_attn = run(backend, q, k, v, cu, max_seqlen, return_lse=True, return_cls_attn=True)
-    ref_out, ref_lse, ref_cls = reference64(q, k, v, cu, max_seqlen)
 
     assert out.dtype == dtype and out.shape == q.shape
     assert lse.dtype == torch.float32 and lse.shape == (2, q.shape[0])
     assert cls_attn.dtype == torch.float32 and cls_attn.shape == (q.shape[0],)
-    torch_err = max_err(sdpa_per_sequence(q, k, v, cu), ref_out)
-    assert max_err(out, ref_out) <= 2 * torch_err + floor(dtype), (max_err(out, ref_out), torch_err)
-    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(cls_attn.double(), ref_cls, rtol=1e-5, atol=1e-6)
+    assert_matches_reference(out, lse, cls_attn, q, k, v, cu, max_seqlen)
 
 
 @pytest.mark.parametrize("head_dim", [16, 32, 64, 80, 128])
 def test_head_dims(attn_backend, head_dim):
     device, backend = attn_backend
-    q, k, v, cu, max_seqlen = make([50, 3, 70], 2, head_dim, torch.float32, device)
+    dtype = native_dtype(backend)
+    supported(device, backend, dtype, head_dim)
+    q, k, v, cu, max_seqlen = make([50, 3, 70], 2, head_dim, dtype, device)
     require(VARLEN_ATTENTION, backend, q, k, v, cu, max_seqlen, 0.1, True)
     out, lse, cls_attn = run(backend, q, k, v, cu, max_seqlen, return_lse=True, return_cls_attn=True)
-    ref_out, ref_lse, ref_cls = reference64(q, k, v, cu, max_seqlen)
-    torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(cls_attn.double(), ref_cls, rtol=1e-5, atol=1e-6)
+    assert_matches_reference(out, lse, cls_attn, q, k, v, cu, max_seqlen)
 
 
 def test_long_sequences(attn_backend):
@@ -127,21 +149,17 @@ def test_long_sequences(attn_backend):
     device, backend = attn_backend
     q, k, v, cu, max_seqlen = make([1, 1024, 1, 300], 1, 32, torch.float16, device)
     out, lse, cls_attn = run(backend, q, k, v, cu, max_seqlen, return_lse=True, return_cls_attn=True)
-    ref_out, ref_lse, ref_cls = reference64(q, k, v, cu, max_seqlen)
-    assert max_err(out, ref_out) <= 2 * max_err(sdpa_per_sequence(q, k, v, cu), ref_out) + floor(torch.float16)
-    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(cls_attn.double(), ref_cls, rtol=1e-5, atol=1e-6)
+    assert_matches_reference(out, lse, cls_attn, q, k, v, cu, max_seqlen)
 
 
-@pytest.mark.parametrize("layout", ["qkv", "heads-first", "contiguous"])
+@pytest.mark.parametrize("layout", ["qkv", "heads-first", "misaligned", "contiguous"])
 def test_layouts_and_scale(attn_backend, layout):
-    """Strided views of a packed projection are read in place; a custom scale."""
+    """Strided and misaligned views of a packed projection are read in place;
+    a custom scale."""
     device, backend = attn_backend
-    q, k, v, cu, max_seqlen = make([50, 20, 1], 3, 32, torch.float32, device, layout=layout)
+    q, k, v, cu, max_seqlen = make([50, 20, 1], 3, 32, native_dtype(backend), device, layout=layout)
     out, lse = run(backend, q, k, v, cu, max_seqlen, scale=0.3, return_lse=True)
-    ref_out, ref_lse, _ = reference64(q, k, v, cu, max_seqlen, scale=0.3)
-    torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+    assert_matches_reference(out, lse, None, q, k, v, cu, max_seqlen, scale=0.3)
 
 
 def test_qkv_views_are_not_copied():
@@ -155,7 +173,7 @@ def test_qkv_views_are_not_copied():
 def test_return_flags_and_cls_attn_properties(attn_backend):
     """The flags choose the outputs; each sequence's cls_attn sums to 1."""
     device, backend = attn_backend
-    q, k, v, cu, max_seqlen = make([50, 7, 1], 2, 32, torch.float32, device)
+    q, k, v, cu, max_seqlen = make([50, 7, 1], 2, 32, native_dtype(backend), device)
     out = run(backend, q, k, v, cu, max_seqlen)
     assert isinstance(out, torch.Tensor)
     out2, lse = run(backend, q, k, v, cu, max_seqlen, return_lse=True)
@@ -164,6 +182,24 @@ def test_return_flags_and_cls_attn_properties(attn_backend):
     torch.testing.assert_close(out3, out)
     sums = torch.stack([cls_attn[s:e].sum() for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())])
     torch.testing.assert_close(sums, torch.ones_like(sums))
+
+
+def test_cpu_kernel_is_deterministic_across_thread_counts():
+    """The CPU kernel splits (sequence, head) tasks between threads; the split
+    must not change a single bit. Lengths sorted so the split is uneven."""
+    device, backend = use_device_backend(("cpu", "cpu"))
+    q, k, v, cu, max_seqlen = make([1, 7, 50, 50, 197, 300], 3, 64, torch.float32, device)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(run(backend, q, k, v, cu, max_seqlen, return_lse=True, return_cls_attn=True))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
 
 
 # ---------------------------------------------------------------------- backward
@@ -239,7 +275,7 @@ def test_gradcheck_float64():
 def test_opcheck(attn_backend):
     """Schema, fake tensors, autograd registration and AOT dispatch of both ops."""
     device, backend = attn_backend
-    q, k, v, cu, max_seqlen = make([5, 1, 9], 2, 16, torch.float32, device)
+    q, k, v, cu, max_seqlen = make([5, 1, 9], 2, 32, native_dtype(backend), device)
     T = q.shape[0]
     with adaptok.backend(backend):
         for return_cls in (False, True):
@@ -257,7 +293,7 @@ def test_compile_fullgraph(attn_backend, compiler):
     """A block-like function around the op (projection views, cls_attn, a
     backward) traces into one graph and matches eager."""
     device, backend = attn_backend
-    q, k, v, cu, max_seqlen = make([9, 1, 5], 2, 16, torch.float32, device)
+    q, k, v, cu, max_seqlen = make([9, 1, 5], 2, 32, native_dtype(backend), device)
     qkv = torch.stack([q, k, v], 1).detach().requires_grad_()
 
     def f(qkv):
@@ -344,6 +380,54 @@ def test_errors_name_the_argument():
             fn()
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_extension_checks_name_the_argument(device):
+    """The C++ kernels check their own inputs (TORCH_CHECK) before any work,
+    for callers of torch.ops.adaptok.ext_varlen_attention."""
+    backend = "cpu" if device == "cpu" else "cuda"
+    use_device_backend((device, backend))
+    dtype = native_dtype(backend)
+    q, k, v, cu, max_seqlen = make([3, 2], 2, 32, dtype, device)
+    stat = lambda *shape, dtype=torch.float32: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
+
+    def call(q=q, k=k, v=v, cu=cu, max_seqlen=max_seqlen, out=None, lse=None, cls=None):
+        torch.ops.adaptok.ext_varlen_attention(
+            q, k, v, cu, max_seqlen, 0.1, torch.empty_like(q) if out is None else out,
+            stat(2, 5) if lse is None else lse, stat(2, 5) if cls is None else cls)
+
+    cases = [
+        (dict(k=k[:4]), ValueError, "k must have the shape of q"),
+        (dict(v=v.double()), TypeError, "v must have the dtype of q"),
+        (dict(q=q[0]), ValueError, r"q must have shape \[T, H, D\]"),
+        (dict(out=torch.empty(5, 2, 64, dtype=dtype, device=device)[..., ::2]), ValueError,
+         "out must be contiguous along its last dim"),
+        (dict(cu=cu.long()), TypeError, "cu_seqlens must be int32"),
+        (dict(max_seqlen=0), ValueError, "max_seqlen must be >= 1"),
+        (dict(lse=stat(2, 4)), ValueError, r"lse must have shape \[2, 5\]"),
+        (dict(lse=stat(2, 5, dtype=torch.float64)), TypeError, "lse must be float32"),
+        (dict(cls=stat(2, 3)), ValueError, r"cls must have shape \[H, T\] or \[H, 0\]"),
+    ]
+    if device == "cpu":  # values of cu_seqlens are checked where reading them is free
+        cases += [
+            (dict(cu=torch.tensor([0, 3, 3, 5], dtype=torch.int32)), ValueError, "strictly increasing"),
+            (dict(cu=torch.tensor([0, 3, 4], dtype=torch.int32)), ValueError,
+             r"cu_seqlens\[-1\] must equal q.shape\[0\] = 5"),
+            (dict(max_seqlen=2), ValueError, "more than max_seqlen = 2"),
+        ]
+    else:
+        q16 = q[..., :16].contiguous()
+        cases += [
+            (dict(q=q.float(), k=k.float(), v=v.float(), out=torch.empty_like(q.float())), TypeError,
+             "float16 or bfloat16 for the CUDA kernel"),
+            (dict(q=q16, k=q16, v=q16, out=torch.empty_like(q16)), ValueError, "head dims 32, 64 and 128"),
+            (dict(k=k.cpu()), ValueError, "k must be on the same device as q"),
+            (dict(cu=cu.cpu()), ValueError, "cu_seqlens must be on the same device as q"),
+        ]
+    for kwargs, kind, message in cases:
+        with pytest.raises(kind, match=message):
+            call(**kwargs)
+
+
 def test_unsupported_head_dim_falls_back_or_names_the_reason():
     """The Triton kernel serves head dims up to 128: larger ones run on the
     torch backend, and forcing Triton says why it cannot."""
@@ -353,7 +437,7 @@ def test_unsupported_head_dim_falls_back_or_names_the_reason():
     with adaptok.backend("triton"), pytest.raises(adaptok.BackendError, match="head dim up to 128"):
         adaptok.varlen_attention(q, k, v, cu, max_seqlen)
     torch.testing.assert_close(adaptok.varlen_attention(q, k, v, cu, max_seqlen).double(),
-                               reference64(q, k, v, cu, max_seqlen)[0])
+                               reference64(q, k, v, cu, max_seqlen)[0], rtol=1e-5, atol=1e-5)
 
 
 def test_mixed_devices():

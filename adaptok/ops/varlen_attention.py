@@ -15,9 +15,16 @@ Two ``torch.library`` custom ops:
 - ``adaptok::varlen_attention_backward`` (gradients of q, k, v through all
   three outputs),
 
-served by the backends of :mod:`adaptok.backends` (``triton``, and ``torch``,
-the per-sequence PyTorch reference). :func:`varlen_attention` is the public
-entry point.
+served by the backends of :mod:`adaptok.backends`:
+
+- forward: ``triton`` (``kernels/varlen_attention.py``), ``cpu`` and ``cuda``
+  (``csrc/varlen_attention*.{cpp,cu}``, the CUDA kernel fp16/bf16 with head
+  dims 32, 64 and 128), and ``torch``, the per-sequence PyTorch reference;
+- backward: ``triton`` and ``torch``; the ``cuda`` backend runs the Triton
+  kernel and the ``cpu`` backend the torch reference (``python -m
+  adaptok.info`` says so).
+
+:func:`varlen_attention` is the public entry point.
 """
 from __future__ import annotations
 
@@ -27,7 +34,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..backends import Op
+from ..backends import Op, backend_unavailable
 from . import common
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -88,13 +95,33 @@ def _triton_check(q, *args) -> Optional[str]:
     return None
 
 
+CUDA_HEAD_DIMS = (32, 64, 128)
+
+
+def _cuda_check(q, *args) -> Optional[str]:
+    if q.shape[-1] not in CUDA_HEAD_DIMS:
+        return f"head dims {', '.join(map(str, CUDA_HEAD_DIMS))}, got {q.shape[-1]}"
+    return None
+
+
 def _last_dim_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
 # ----------------------------------------------------------------------- forward
 
-VARLEN_ATTENTION = Op("varlen_attention", subject=lambda q, *rest: q, example=_example)
+# On CUDA tensors the Triton kernel comes first until GPU measurements
+# (per shape) decide between it and the CUDA kernel.
+VARLEN_ATTENTION = Op("varlen_attention", subject=lambda q, *rest: q, example=_example,
+                      preference={"cuda": ("triton", "cuda", "torch")})
+
+
+def _outputs(q: Tensor, return_cls: bool):
+    """Uninitialized (poisoned in tests) ``out [T, H, D]``, fp32 ``lse [H, T]``
+    and fp32 ``cls [H, T]`` (``[H, 0]`` unless ``return_cls``)."""
+    T, H, D = q.shape
+    return (common.empty((T, H, D), q), common.empty((H, T), q, torch.float32),
+            common.empty((H, T if return_cls else 0), q, torch.float32))
 
 
 @VARLEN_ATTENTION.register("torch")
@@ -129,11 +156,17 @@ def varlen_attention_reference(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tens
 
 @VARLEN_ATTENTION.register("triton", dtypes=_FLOATS, check=_triton_check)
 def _forward_triton(q, k, v, cu_seqlens, max_seqlen, scale, return_cls):
-    T, H, D = q.shape
-    out = common.empty((T, H, D), q)
-    lse = common.empty((H, T), q, torch.float32)
-    cls = common.empty((H, T if return_cls else 0), q, torch.float32)
+    out, lse, cls = _outputs(q, return_cls)
     _triton().forward(q, k, v, cu_seqlens, max_seqlen, scale, out, lse, cls if return_cls else None)
+    return out, lse, cls
+
+
+@VARLEN_ATTENTION.register("cuda", dtypes=(torch.float16, torch.bfloat16), ext_op="ext_varlen_attention",
+                           check=_cuda_check)
+@VARLEN_ATTENTION.register("cpu", dtypes=_FLOATS, ext_op="ext_varlen_attention")
+def _forward_ext(q, k, v, cu_seqlens, max_seqlen, scale, return_cls):
+    out, lse, cls = _outputs(q, return_cls)
+    torch.ops.adaptok.ext_varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, out, lse, cls)
     return out, lse, cls
 
 
@@ -193,6 +226,7 @@ def _backward_example(q, k, v, cu_seqlens, max_seqlen, scale, return_cls):
     return torch.zeros_like(q), stat, stat, q, k, v, q, stat, stat, cu_seqlens, max_seqlen, scale
 
 
+@VARLEN_ATTENTION_BACKWARD.register("cpu", note="the torch reference (there is no CPU backward kernel)")
 @VARLEN_ATTENTION_BACKWARD.register("torch")
 def varlen_attention_backward_reference(dout, dlse, dcls, q, k, v, out, lse, cls, cu_seqlens, max_seqlen, scale,
                                         compute_dtype: Optional[torch.dtype] = None):
@@ -223,7 +257,13 @@ def varlen_attention_backward_reference(dout, dlse, dcls, q, k, v, out, lse, cls
     return tuple(grads)
 
 
-@VARLEN_ATTENTION_BACKWARD.register("triton", dtypes=_FLOATS, check=lambda dout, dlse, dcls, q, *rest: _triton_check(q))
+def _triton_backward_check(dout, dlse, dcls, q, *rest) -> Optional[str]:
+    return backend_unavailable("triton") or _triton_check(q)
+
+
+@VARLEN_ATTENTION_BACKWARD.register("cuda", dtypes=_FLOATS, check=_triton_backward_check,
+                                    note="the Triton kernel (there is no CUDA backward kernel)")
+@VARLEN_ATTENTION_BACKWARD.register("triton", dtypes=_FLOATS, check=_triton_backward_check)
 def _backward_triton(dout, dlse, dcls, q, k, v, out, lse, cls, cu_seqlens, max_seqlen, scale):
     T, H, D = q.shape
     dq, dk, dv = (common.empty((T, H, D), q) for _ in range(3))
