@@ -13,6 +13,7 @@ Environment:
 import glob
 import os
 import shutil
+import sys
 
 from setuptools import setup
 
@@ -63,9 +64,12 @@ def _extension():
         and os.environ.get("ADAPTOK_NO_CUDA") != "1"
     )
     # OpenMP: at::parallel_for in the CPU kernels is inline code that runs
-    # serially unless the extension itself is compiled with it.
-    cxx = ["-O3", "-fopenmp"]
-    link = ["-fopenmp"]
+    # serially unless the extension itself is compiled with it. Linux only
+    # (Apple's clang has no -fopenmp); torch's wheels bundle a libgomp.so.1
+    # that the loader shares with the extension (same soname).
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    cxx = ["-O3", *openmp]
+    link = openmp
     if with_cuda:
         archs = os.environ.get("ADAPTOK_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0"
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs

@@ -22,10 +22,12 @@
 // once per ISA (AVX-512, AVX2, baseline), picked when the library loads.
 #include <torch/library.h>
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <vector>
 
@@ -57,7 +59,7 @@ void check_qkv(const at::Tensor& t, const char* name, const at::Tensor& q) {
                    " must have the dtype of q (", q.scalar_type(), "), got ",
                    t.scalar_type());
   check_same_device(t, name, q, "q");
-  TORCH_CHECK_VALUE(t.stride(2) == 1, name,
+  TORCH_CHECK_VALUE(t.stride(2) == 1 || t.size(2) == 1, name,
                     " must be contiguous along its last dim (D), got strides ",
                     t.strides());
 }
@@ -86,11 +88,17 @@ void check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     q.sizes());
   check_cu_seqlens_meta(cu, "cu_seqlens", q, "q");
   TORCH_CHECK_VALUE(max_seqlen >= 1, "max_seqlen must be >= 1, got ", max_seqlen);
-  TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be finite, got ", scale);
+  TORCH_CHECK_VALUE(std::isfinite(scale) && std::abs(scale) <= FLT_MAX,
+                    "scale must be finite in float32, got ", scale);
   check_stat(lse, "lse", H, T, q);
-  TORCH_CHECK_VALUE(cls.size(-1) == 0 || cls.size(-1) == T,
+  TORCH_CHECK_VALUE(cls.dim() == 2 && (cls.size(1) == 0 || cls.size(1) == T),
                     "cls must have shape [H, T] or [H, 0], got ", cls.sizes());
-  check_stat(cls, "cls", H, cls.size(-1), q);
+  check_stat(cls, "cls", H, cls.size(1), q);
+  // Outputs are written in parallel and inputs read after outputs are
+  // written: neither may overlap.
+  at::assert_no_internal_overlap(out);
+  for (const at::Tensor* t : {&q, &k, &v, &lse, &cls}) at::assert_no_overlap(out, *t);
+  at::assert_no_overlap(lse, cls);
 }
 
 void check_values_cpu(const at::Tensor& cu, int64_t total, int64_t max_seqlen) {
@@ -131,14 +139,17 @@ VarlenParams params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   return p;
 }
 
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+
 // ------------------------------------------------------------ CPU kernel
 
 // 16 floats as one value. GCC and Clang lower it to the widest registers of
 // each ISA clone below (one zmm, two ymm, four xmm); aligned(4) and may_alias
 // make loads through it plain unaligned loads.
-// Hot loops are compiled once per ISA and picked at load time (x86 with
-// GCC or Clang); elsewhere they are compiled for the baseline.
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// Hot loops are compiled once per ISA and picked at load time (GCC on x86-64
+// Linux: target_clones needs ifunc); elsewhere they are compiled for the
+// baseline.
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
 #define ADAPTOK_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define ADAPTOK_CPU_CLONES
@@ -150,10 +161,12 @@ constexpr int64_t kLanes = 16;
 
 // exp(x), branch-free: 2^(x log2 e) split into an integer power, built in the
 // exponent bits, and 2^f for |f| <= 1/2 from a degree-7 Taylor polynomial of
-// e^(f ln 2) (relative error ~5e-9, below fp32 rounding). x <= -88 (and -inf)
-// gives exactly 0, so no denormal is ever produced.
+// e^(f ln 2) (relative error ~5e-9, below fp32 rounding). x < -87 (and
+// -inf) gives exactly 0; above, results are normal floats (>= 2^-125.5), so
+// no subnormal reaches the output GEMM.
 inline vfloat exp_lanes(vfloat x) {
-  x = x < -88.0f ? vfloat{} - 88.0f : x;
+  const auto underflow = x < -87.0f;
+  x = underflow ? vfloat{} - 87.0f : x;
   const vfloat t = x * 1.44269504088896341f;
   // Round to nearest with the 1.5 * 2^23 trick; exact for |t| < 2^22.
   const vfloat n = (t + 12582912.0f) - 12582912.0f;
@@ -166,7 +179,8 @@ inline vfloat exp_lanes(vfloat x) {
   p = p * y + 1.0f;
   p = p * y + 1.0f;
   const vint bits = (__builtin_convertvector(n, vint) + 127) << 23;
-  return p * reinterpret_cast<const vfloat&>(bits);
+  const vfloat e = p * reinterpret_cast<const vfloat&>(bits);
+  return underflow ? vfloat{} : e;
 }
 
 // Softmax statistics of `rows` (scaled) score rows of length n (stride ld,
@@ -199,6 +213,11 @@ ADAPTOK_CPU_CLONES void softmax_rows(
   }
 }
 
+#if defined(__GNUC__) && !defined(__clang__)
+#define ADAPTOK_SHUFFLE_TRANSPOSE 1  // __builtin_shuffle is GCC's
+#endif
+
+#ifdef ADAPTOK_SHUFFLE_TRANSPOSE
 // Two-source shuffle of stage `bit` of a 16 x 16 transpose: swaps bit `bit`
 // of the row index with bit `bit` of the column index in a pair of rows
 // (a: that row bit 0, b: 1). Four stages make the transpose.
@@ -223,14 +242,21 @@ inline void transpose_stage(vfloat* r) {
   }
 }
 
+#endif  // ADAPTOK_SHUFFLE_TRANSPOSE
+
 // dst[d * ld + j] = scale * src[j * stride + d] for j < n, d < D: the keys
 // of one head, transposed for the score GEMM and pre-scaled so the scores
 // come out scaled. Whole 16 x 16 tiles are transposed in registers.
 ADAPTOK_CPU_CLONES void transpose_keys(const float* src, int64_t stride, int64_t n,
                                        int64_t D, float scale, float* dst, int64_t ld) {
+#ifdef ADAPTOK_SHUFFLE_TRANSPOSE
   const int64_t d16 = D / kLanes * kLanes;
+#else
+  const int64_t d16 = 0;
+#endif
   for (int64_t j0 = 0; j0 < n; j0 += kLanes) {
     const int64_t jn = std::min<int64_t>(kLanes, n - j0);
+#ifdef ADAPTOK_SHUFFLE_TRANSPOSE
     for (int64_t d0 = 0; d0 < d16; d0 += kLanes) {
       vfloat r[kLanes];
       for (int64_t j = 0; j < kLanes; ++j) {
@@ -245,6 +271,7 @@ ADAPTOK_CPU_CLONES void transpose_keys(const float* src, int64_t stride, int64_t
         *reinterpret_cast<vfloat*>(dst + (d0 + d) * ld + j0) = r[d];
       }
     }
+#endif
     for (int64_t d = d16; d < D; ++d) {
       for (int64_t j = 0; j < jn; ++j) dst[d * ld + j0 + j] = scale * src[(j0 + j) * stride + d];
     }
@@ -261,27 +288,34 @@ ADAPTOK_CPU_CLONES void normalize_rows(
   }
 }
 
+// Leading dim of a sequence's transposed keys and scores: its length padded
+// past a multiple of 16 floats (rows of kt and of the scores then do not map
+// to the same cache sets). A function of the length alone, so the GEMM
+// kernels oneDNN compiles and caches per shape stay few across batches.
+int64_t padded_ld(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes + kLanes; }
+
+// Query rows per score block for leading dim ld.
+int64_t block_rows(int64_t ld) { return std::clamp<int64_t>(kScoreBlockFloats / ld, kLanes, kMaxBlockM); }
+
 // Per-thread scratch, sized once per call for the longest sequence.
 struct Scratch {
-  int64_t ld;  // leading dim of kt and scores: the longest row, padded
-  int64_t block_m;  // query rows per score block
   std::vector<float> kt;  // [D, ld]: the task's keys, transposed and scaled
   std::vector<float> scores;  // [block_m, ld]
   std::vector<float> o;  // [block_m, D]
   std::vector<float> l, lse;  // [block_m]
-  std::vector<float> qf, kf, vf;  // fp32 copies of fp16/bf16 inputs: [N, D]
+  std::vector<float> qf, kf, vf;  // fp32 copies [N, D] of inputs not read in place
 
-  Scratch(int64_t longest, int64_t D, bool convert)
-      // Past a multiple of 16 floats, so rows of kt and of the scores do not
-      // map to the same cache sets.
-      : ld((longest + kLanes - 1) / kLanes * kLanes + kLanes),
-        block_m(std::clamp<int64_t>(kScoreBlockFloats / ld, kLanes, kMaxBlockM)),
-        kt(D * ld),
-        scores(block_m * ld),
-        o(block_m * D),
-        l(block_m),
-        lse(block_m) {
-    if (convert) {
+  Scratch(int64_t longest, int64_t D, bool copies) {
+    const int64_t ld = padded_ld(longest);
+    kt.resize(D * ld);
+    // block_rows(ld) * ld is 256 ld up to ld = 512, then at most
+    // kScoreBlockFloats until the 16-row floor, then 16 ld: this bounds it
+    // for every shorter sequence too.
+    scores.resize(std::max(block_rows(ld) * ld, kScoreBlockFloats));
+    o.resize(kMaxBlockM * D);
+    l.resize(kMaxBlockM);
+    lse.resize(kMaxBlockM);
+    if (copies) {
       for (auto* buffer : {&qf, &kf, &vf}) buffer->resize(longest * D);
     }
   }
@@ -296,25 +330,34 @@ void to_float(const scalar_t* x, int64_t stride_t, int64_t n, int64_t D, float* 
   }
 }
 
+// Whether fp32 q and v can be GEMM operands in place: their token stride is a
+// valid leading dim (>= D; a broadcast token dim has stride 0).
+template <typename scalar_t>
+bool in_place(const VarlenParams& p) {
+  return std::is_same_v<scalar_t, float> && p.q_stride_t >= p.head_dim && p.v_stride_t >= p.head_dim;
+}
+
 // Head h of sequence b.
 template <typename scalar_t>
 void attend(const VarlenParams& p, int64_t b, int64_t h, Scratch& w) {
-  constexpr bool kFloat = std::is_same_v<scalar_t, float>;
-  const int64_t D = p.head_dim, T = p.total, ld = w.ld;
+  const int64_t D = p.head_dim, T = p.total;
   const int64_t start = p.cu_seqlens[b];
   const int64_t n = p.cu_seqlens[b + 1] - start;
+  const int64_t ld = padded_ld(n), block_m = block_rows(ld);
   const scalar_t* q = static_cast<const scalar_t*>(p.q) + start * p.q_stride_t + h * p.q_stride_h;
   const scalar_t* k = static_cast<const scalar_t*>(p.k) + start * p.k_stride_t + h * p.k_stride_h;
   const scalar_t* v = static_cast<const scalar_t*>(p.v) + start * p.v_stride_t + h * p.v_stride_h;
   scalar_t* out = static_cast<scalar_t*>(p.out) + start * p.o_stride_t + h * p.o_stride_h;
 
-  // fp32 inputs are read in place, with their token stride as leading dim.
   const float *qf, *kf, *vf;
   int64_t ld_q = D, ld_k = D, ld_v = D;
-  if constexpr (kFloat) {
-    qf = q, kf = k, vf = v;
-    ld_q = p.q_stride_t, ld_k = p.k_stride_t, ld_v = p.v_stride_t;
-  } else {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (in_place<float>(p)) {
+      qf = q, kf = k, vf = v;
+      ld_q = p.q_stride_t, ld_k = p.k_stride_t, ld_v = p.v_stride_t;
+    }
+  }
+  if (!in_place<scalar_t>(p)) {
     to_float(q, p.q_stride_t, n, D, w.qf.data());
     to_float(k, p.k_stride_t, n, D, w.kf.data());
     to_float(v, p.v_stride_t, n, D, w.vf.data());
@@ -323,8 +366,8 @@ void attend(const VarlenParams& p, int64_t b, int64_t h, Scratch& w) {
   transpose_keys(kf, ld_k, n, D, p.scale, w.kt.data(), ld);
 
   float* s = w.scores.data();
-  for (int64_t m0 = 0; m0 < n; m0 += w.block_m) {
-    const int64_t bm = std::min(w.block_m, n - m0);
+  for (int64_t m0 = 0; m0 < n; m0 += block_m) {
+    const int64_t bm = std::min(block_m, n - m0);
     // s [bm, n] = q [bm, D] @ kt [D, n]  (already scaled)
     at::native::cpublas::brgemm(bm, n, D, ld_q, ld, ld, false, qf + m0 * ld_q, w.kt.data(), s,
                                 false);
@@ -337,7 +380,7 @@ void attend(const VarlenParams& p, int64_t b, int64_t h, Scratch& w) {
     }
     // o [bm, D] = exp(s - max) [bm, n] @ v [n, D], normalized per row on store.
     at::native::cpublas::brgemm(bm, D, n, ld, ld_v, D, false, s, vf, w.o.data(), false);
-    if constexpr (kFloat) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
       normalize_rows(w.o.data(), bm, D, w.l.data(), out + m0 * p.o_stride_t, p.o_stride_t);
     } else {
       normalize_rows(w.o.data(), bm, D, w.l.data(), w.o.data(), D);
@@ -369,7 +412,7 @@ void varlen_attention_cpu_kernel(const VarlenParams& p) {
                before.begin();
   }
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    Scratch w(longest, D, !std::is_same_v<scalar_t, float>);
+    Scratch w(longest, D, !in_place<scalar_t>(p));
     for (int64_t t = first[c0]; t < first[c1]; ++t) attend<scalar_t>(p, t / H, t % H, w);
     at::native::cpublas::brgemm_release(false);
   });
@@ -393,6 +436,8 @@ void varlen_attention_cpu(const at::Tensor& q, const at::Tensor& k,
       TORCH_CHECK_TYPE(false, "q must be float16, bfloat16 or float32, got ", q.scalar_type());
   }
 }
+
+#endif  // CPUBLAS_BRGEMM_F32F32F32
 
 #ifdef ADAPTOK_WITH_CUDA
 
@@ -428,9 +473,13 @@ TORCH_LIBRARY_FRAGMENT(adaptok, m) {
       "Tensor(c!) cls) -> ()");
 }
 
+// The CPU kernel needs ATen's fp32 brgemm; without it (older torch) the op has
+// no CPU kernel and the cpu backend reports that the extension lacks it.
+#ifdef CPUBLAS_BRGEMM_F32F32F32
 TORCH_LIBRARY_IMPL(adaptok, CPU, m) {
   m.impl("ext_varlen_attention", &adaptok::attention::varlen_attention_cpu);
 }
+#endif
 
 #ifdef ADAPTOK_WITH_CUDA
 TORCH_LIBRARY_IMPL(adaptok, CUDA, m) {

@@ -54,11 +54,14 @@ def make(lengths, heads, head_dim, dtype, device, seed=0, layout="qkv"):
     """q, k, v ``[T, H, D]`` as the views a model produces: ``qkv`` slices of
     ``[T, 3, H, D]`` (timm's layout), ``heads-first`` slices of
     ``[3, H, T, D]``, ``misaligned`` (``qkv`` one element into its storage),
-    or ``contiguous``."""
+    ``broadcast`` (one token expanded, token stride 0), or ``contiguous``."""
     g = torch.Generator().manual_seed(seed)
     T = sum(lengths)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
-    if layout == "misaligned":  # views one element into their storage: no 16-byte alignment
+    if layout == "broadcast":  # one token's q, k, v repeated: token stride 0
+        q, k, v = (torch.randn(1, heads, head_dim, generator=g).to(device, dtype).expand(T, -1, -1)
+                   for _ in range(3))
+    elif layout == "misaligned":  # views one element into their storage: no 16-byte alignment
         flat = torch.randn(3 * T * heads * head_dim + 1, generator=g).to(device, dtype)
         q, k, v = flat[1:].view(T, 3, heads, head_dim).unbind(1)
     elif layout == "qkv":
@@ -133,7 +136,7 @@ def test_forward(attn_backend, dtype, lengths):
     assert_matches_reference(out, lse, cls_attn, q, k, v, cu, max_seqlen)
 
 
-@pytest.mark.parametrize("head_dim", [16, 32, 64, 80, 128])
+@pytest.mark.parametrize("head_dim", [8, 16, 32, 40, 64, 80, 100, 128])
 def test_head_dims(attn_backend, head_dim):
     device, backend = attn_backend
     dtype = native_dtype(backend)
@@ -152,7 +155,7 @@ def test_long_sequences(attn_backend):
     assert_matches_reference(out, lse, cls_attn, q, k, v, cu, max_seqlen)
 
 
-@pytest.mark.parametrize("layout", ["qkv", "heads-first", "misaligned", "contiguous"])
+@pytest.mark.parametrize("layout", ["qkv", "heads-first", "misaligned", "broadcast", "contiguous"])
 def test_layouts_and_scale(attn_backend, layout):
     """Strided and misaligned views of a packed projection are read in place;
     a custom scale."""
@@ -160,6 +163,18 @@ def test_layouts_and_scale(attn_backend, layout):
     q, k, v, cu, max_seqlen = make([50, 20, 1], 3, 32, native_dtype(backend), device, layout=layout)
     out, lse = run(backend, q, k, v, cu, max_seqlen, scale=0.3, return_lse=True)
     assert_matches_reference(out, lse, None, q, k, v, cu, max_seqlen, scale=0.3)
+
+
+def test_head_dim_one_with_any_last_stride(attn_backend):
+    """D = 1 views whose last dim has a non-unit stride are read as they are."""
+    device, backend = attn_backend
+    if backend == "cuda":
+        pytest.skip("the CUDA kernel serves head dims 32, 64 and 128")
+    q, k, v = torch.randn(3, 7, 1, 2, generator=torch.Generator().manual_seed(0)).to(device).transpose(2, 3).unbind(0)
+    assert q.shape == (7, 2, 1) and q.stride(2) != 1
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32, device=device)
+    out, lse = run(backend, q, k, v, cu, 4, return_lse=True)
+    assert_matches_reference(out, lse, None, q, k, v, cu, 4)
 
 
 def test_qkv_views_are_not_copied():
@@ -334,23 +349,26 @@ def test_gpu_does_not_sync(attn_backend):
             torch.cuda.set_sync_debug_mode("default")
 
 
-def test_gpu_kernel_stays_in_bounds_for_malformed_offsets():
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_kernel_stays_in_bounds_for_malformed_offsets(backend):
     """cu_seqlens values are not checked on the GPU: the kernels must not
     write outside their outputs. Guard rows around them keep their values."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    from adaptok.kernels import varlen_attention as kernels
-
+    use_device_backend(("cuda", backend))
     T, H, D = 40, 2, 32
     q, k, v = torch.randn(3, T, H, D, device="cuda", dtype=torch.float16).unbind(0)
     cu = torch.tensor([0, 30, 5, 1_000_000, 40], dtype=torch.int32, device="cuda")
     guarded = torch.full((T + 8, H, D), 7.0, device="cuda", dtype=torch.float16)
-    stats = torch.full((3, H, T + 8), 7.0, device="cuda")
-    out, lse, cls = guarded[4:-4], stats[0, :, 4:-4], stats[1, :, 4:-4]
-    kernels.forward(q, k, v, cu, 64, 0.1, out, lse, cls)
+    flat = torch.full((2 * H * T + 16,), 7.0, device="cuda")  # lse and cls, contiguous, between guards
+    out, lse, cls = guarded[4:-4], flat[8:8 + H * T].view(H, T), flat[8 + H * T:-8].view(H, T)
+    if backend == "triton":
+        from adaptok.kernels import varlen_attention as kernels
+
+        kernels.forward(q, k, v, cu, 64, 0.1, out, lse, cls)
+    else:
+        torch.ops.adaptok.ext_varlen_attention(q, k, v, cu, 64, 0.1, out, lse, cls)
     torch.cuda.synchronize()
     assert torch.all(guarded[:4] == 7) and torch.all(guarded[-4:] == 7)
-    assert torch.all(stats[:2, :, :4] == 7) and torch.all(stats[:2, :, -4:] == 7)
+    assert torch.all(flat[:8] == 7) and torch.all(flat[-8:] == 7)
 
 
 # -------------------------------------------------------------------- bad input
@@ -429,8 +447,9 @@ def test_extension_checks_name_the_argument(device):
 
 
 def test_unsupported_head_dim_falls_back_or_names_the_reason():
-    """The Triton kernel serves head dims up to 128: larger ones run on the
-    torch backend, and forcing Triton says why it cannot."""
+    """The Triton kernel serves head dims up to 128: larger ones run on
+    another backend (the CPU kernel, or torch), and forcing Triton says why
+    it cannot."""
     q, k, v, cu, max_seqlen = make([3, 2], 1, 160, torch.float32, "cpu")
     reason = VARLEN_ATTENTION.why_not("triton", q, k, v, cu, max_seqlen, 0.1, False)
     assert reason is not None and "head dim up to 128, got 160" in reason

@@ -101,6 +101,8 @@ CUDA_HEAD_DIMS = (32, 64, 128)
 def _cuda_check(q, *args) -> Optional[str]:
     if q.shape[-1] not in CUDA_HEAD_DIMS:
         return f"head dims {', '.join(map(str, CUDA_HEAD_DIMS))}, got {q.shape[-1]}"
+    if q.shape[1] > 65535:
+        return f"up to 65535 heads, got {q.shape[1]}"
     return None
 
 
@@ -176,9 +178,10 @@ def _forward_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen:
     _check(q, k, v, cu_seqlens, max_seqlen, scale)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     cu_seqlens = cu_seqlens.contiguous()
-    if common.check_values_now(cu_seqlens):
+    impl = VARLEN_ATTENTION.select(q, k, v, cu_seqlens, max_seqlen, scale, return_cls)
+    if common.check_values_in_python(impl, cu_seqlens):
         _check_values(q, cu_seqlens, max_seqlen)
-    return VARLEN_ATTENTION(q, k, v, cu_seqlens, max_seqlen, scale, return_cls)
+    return impl.fn(q, k, v, cu_seqlens, max_seqlen, scale, return_cls)
 
 
 @_forward_op.register_fake
