@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 from . import ops
 from .backends import BACKENDS, BackendError, backend
-from .ops import varlen_attention
+from .ops import topk_select, varlen_attention
 from .ragged import RaggedBatch
 
-__all__ = ["BACKENDS", "BackendError", "RaggedBatch", "backend", "ops", "varlen_attention", "__version__"]
+__all__ = ["BACKENDS", "BackendError", "RaggedBatch", "backend", "ops", "topk_select", "varlen_attention", "__version__"]

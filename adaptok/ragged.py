@@ -8,6 +8,7 @@ from torch import Tensor
 
 from .ops import common
 from .ops import ragged as ops
+from .ops.topk_select import select_tokens
 
 IntSeq = Union[Sequence[int], Tensor]
 
@@ -232,6 +233,20 @@ class RaggedBatch:
         values = ops.select_sequences(self.values, self.cu_seqlens, idx, cu_out, total)
         grid = self.grid[idx] if self.grid is not None else None
         return RaggedBatch(values, cu_out, longest, grid, lengths=lengths)
+
+    def topk_select(self, cls_attn: Tensor, *, keep_rate: Optional[float] = None,
+                    keep: Union[Tensor, Sequence[int], None] = None, fuse: bool = True,
+                    renormalize: bool = False) -> tuple["RaggedBatch", Tensor]:
+        """EViT token selection on every sequence (:func:`adaptok.topk_select`).
+
+        Returns the reduced batch (its lengths known on the host, so nothing
+        syncs with the device when this batch's lengths are) and
+        ``kept_index [T_out]``, the row of ``values`` each output row copies
+        (-1 for fused rows). ``grid`` carries over.
+        """
+        values, cu_out, lengths, kept_index = select_tokens(
+            self.values, self.cu_seqlens, self.max_seqlen, cls_attn, keep_rate, keep, fuse, renormalize, self.lengths)
+        return RaggedBatch(values, cu_out, max(lengths), self.grid, lengths=lengths), kept_index
 
     def to(self, *args, **kwargs) -> "RaggedBatch":
         """Move or cast ``values`` (``cu_seqlens`` and ``grid`` follow its device)."""

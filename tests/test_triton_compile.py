@@ -28,6 +28,7 @@ def _configs():
     import torch
 
     from adaptok.kernels import ragged
+    from adaptok.kernels import topk_select as ts
     from adaptok.kernels import varlen_attention as va
 
     for kernel in (ragged.pack_kernel, ragged.unpack_kernel, ragged.cls_tokens_kernel, ragged.select_sequences_kernel):
@@ -56,6 +57,18 @@ def _configs():
             constexprs = {"BLOCK": block, "BLOCK_D": va._block_d(head_dim), "HAS_DCLS": dcls, "PRECISION": precision}
             yield (f"varlen_attention._bwd_kernel {t} D={head_dim} dcls={dcls}", va._bwd_kernel,
                    _signature(va._bwd_kernel, pointers, {"qk_scale", "scale"}, constexprs), constexprs, archs)
+
+    for dtype, t in names.items():
+        archs = (80, 90) if dtype == torch.bfloat16 else (90,)
+        pointers = {"x": f"*{t}", "out": f"*{t}", "kept_index": "*i64", "cls_attn": "*fp32", "cu_seqlens": "*i32",
+                    "cu_seqlens_out": "*i32", "keep": "*i32"}
+        for channels, max_seqlen, fuse, renormalize in ((384, 197, True, False), (768, 197, True, True),
+                                                        (192, 50, False, False), (1024, 4096, True, True)):
+            block_i, block_j, block_c, _ = ts.config(channels, max_seqlen)
+            constexprs = {"BLOCK_I": block_i, "BLOCK_J": block_j, "BLOCK_C": block_c, "FUSE": fuse,
+                          "RENORMALIZE": renormalize}
+            yield (f"topk_select._fwd_kernel {t} C={channels} N={max_seqlen} fuse={fuse} renormalize={renormalize}",
+                   ts._fwd_kernel, _signature(ts._fwd_kernel, pointers, set(), constexprs), constexprs, archs)
 
 
 def _compile(index: int) -> list[str]:
