@@ -6,9 +6,9 @@ first call that needs them.
 """
 __version__ = "0.1.0"
 
-from . import ops
+from . import nn, ops
 from .backends import BACKENDS, BackendError, backend
 from .ops import topk_select, varlen_attention
 from .ragged import RaggedBatch
 
-__all__ = ["BACKENDS", "BackendError", "RaggedBatch", "backend", "ops", "topk_select", "varlen_attention", "__version__"]
+__all__ = ["BACKENDS", "BackendError", "RaggedBatch", "backend", "nn", "ops", "topk_select", "varlen_attention", "__version__"]

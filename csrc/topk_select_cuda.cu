@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "cuda_dtype.cuh"
 #include "topk_select.h"
 
 namespace adaptok {
@@ -38,48 +39,6 @@ constexpr int64_t kMinChunkBytes = 128;
 // Chunks are multiples of 8 elements, so a chunk of a 16-byte aligned row
 // starts 16-byte aligned for every dtype.
 constexpr int64_t kChunkAlign = 8;
-
-template <typename T>
-struct Elt;
-template <>
-struct Elt<float> {
-  using Raw = uint32_t;
-  using Pair = float2;
-  static __device__ __forceinline__ float to_f(float x) { return x; }
-  static __device__ __forceinline__ float from_f(float x) { return x; }
-  static __device__ __forceinline__ float2 unpack(float2 x) { return x; }
-  static __device__ __forceinline__ float2 pack(float a, float b) {
-    return make_float2(a, b);
-  }
-};
-template <>
-struct Elt<__half> {
-  using Raw = uint16_t;
-  using Pair = __half2;
-  static __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-  static __device__ __forceinline__ __half from_f(float x) { return __float2half_rn(x); }
-  static __device__ __forceinline__ float2 unpack(__half2 x) { return __half22float2(x); }
-  static __device__ __forceinline__ __half2 pack(float a, float b) {
-    return __floats2half2_rn(a, b);
-  }
-};
-template <>
-struct Elt<__nv_bfloat16> {
-  using Raw = uint16_t;
-  using Pair = __nv_bfloat162;
-  static __device__ __forceinline__ float to_f(__nv_bfloat16 x) {
-    return __bfloat162float(x);
-  }
-  static __device__ __forceinline__ __nv_bfloat16 from_f(float x) {
-    return __float2bfloat16_rn(x);
-  }
-  static __device__ __forceinline__ float2 unpack(__nv_bfloat162 x) {
-    return __bfloat1622float2(x);
-  }
-  static __device__ __forceinline__ __nv_bfloat162 pack(float a, float b) {
-    return __floats2bfloat162_rn(a, b);
-  }
-};
 
 // An unsigned key that orders like the score: a_i > a_j iff key_i > key_j and
 // a_i == a_j iff key_i == key_j (-0 is mapped to +0 first). Every NaN maps to

@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu_vec.h"
 #include "varlen_attention.h"
 
 #ifdef ADAPTOK_WITH_CUDA
@@ -143,22 +144,6 @@ VarlenParams params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 
 // ------------------------------------------------------------ CPU kernel
 
-// 16 floats as one value. GCC and Clang lower it to the widest registers of
-// each ISA clone below (one zmm, two ymm, four xmm); aligned(4) and may_alias
-// make loads through it plain unaligned loads.
-// Hot loops are compiled once per ISA and picked at load time (GCC on x86-64
-// Linux: target_clones needs ifunc); elsewhere they are compiled for the
-// baseline.
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
-#define ADAPTOK_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define ADAPTOK_CPU_CLONES
-#endif
-
-typedef float vfloat __attribute__((vector_size(64), aligned(4), may_alias));
-typedef int32_t vint __attribute__((vector_size(64)));
-constexpr int64_t kLanes = 16;
-
 // exp(x), branch-free: 2^(x log2 e) split into an integer power, built in the
 // exponent bits, and 2^f for |f| <= 1/2 from a degree-7 Taylor polynomial of
 // e^(f ln 2) (relative error ~5e-9, below fp32 rounding). x < -87 (and
@@ -189,7 +174,7 @@ inline vfloat exp_lanes(vfloat x) {
 // Cloned per ISA so the same code runs on the widest vectors the CPU has.
 ADAPTOK_CPU_CLONES void softmax_rows(
     float* s, int64_t rows, int64_t n, int64_t ld, float* l, float* lse) {
-  const int64_t padded = (n + kLanes - 1) / kLanes * kLanes;
+  const int64_t padded = round_lanes(n);
   for (int64_t i = 0; i < rows; ++i) {
     float* row = s + i * ld;
     for (int64_t j = n; j < padded; ++j) row[j] = -INFINITY;  // exp gives 0
@@ -206,8 +191,7 @@ ADAPTOK_CPU_CLONES void softmax_rows(
       x = exp_lanes(x - row_max);
       sum += x;
     }
-    float row_sum = 0.0f;
-    for (int64_t u = 0; u < kLanes; ++u) row_sum += sum[u];
+    const float row_sum = sum_lanes(sum);
     l[i] = row_sum;
     lse[i] = row_max + std::log(row_sum);
   }
@@ -292,7 +276,7 @@ ADAPTOK_CPU_CLONES void normalize_rows(
 // past a multiple of 16 floats (rows of kt and of the scores then do not map
 // to the same cache sets). A function of the length alone, so the GEMM
 // kernels oneDNN compiles and caches per shape stay few across batches.
-int64_t padded_ld(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes + kLanes; }
+int64_t padded_ld(int64_t n) { return round_lanes(n) + kLanes; }
 
 // Query rows per score block for leading dim ld.
 int64_t block_rows(int64_t ld) { return std::clamp<int64_t>(kScoreBlockFloats / ld, kLanes, kMaxBlockM); }

@@ -16,6 +16,7 @@
 #include <climits>
 #include <cstdint>
 
+#include "cuda_dtype.cuh"
 #include "varlen_attention.h"
 
 namespace adaptok {
@@ -47,44 +48,6 @@ constexpr int block_n() {
 #endif
 
 #if ADAPTOK_VARLEN_DEVICE
-template <typename T>
-struct Pair;
-template <>
-struct Pair<__half> {
-  using T2 = __half2;
-  static __device__ __forceinline__ T2 pack(float a, float b) {
-    return __floats2half2_rn(a, b);
-  }
-  static __device__ __forceinline__ float2 unpack(T2 x) {
-    return __half22float2(x);
-  }
-};
-template <>
-struct Pair<__nv_bfloat16> {
-  using T2 = __nv_bfloat162;
-  static __device__ __forceinline__ T2 pack(float a, float b) {
-    return __floats2bfloat162_rn(a, b);
-  }
-  static __device__ __forceinline__ float2 unpack(T2 x) {
-    return __bfloat1622float2(x);
-  }
-};
-
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) {
-  return __bfloat162float(x);
-}
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) {
-  return __float2half_rn(x);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-
 template <typename T, typename Use, typename Layout>
 using Frag = wmma::fragment<Use, 16, 16, 16, T, Layout>;
 using BfFragA = Frag<__nv_bfloat16, wmma::matrix_a, wmma::row_major>;
@@ -175,18 +138,18 @@ __device__ __forceinline__ void load8(const T* __restrict__ src, float* dst) {
   if (kVec) {
     union {
       uint4 u;
-      typename Pair<T>::T2 t[4];
+      typename Elt<T>::Pair t[4];
     } x;
     x.u = *reinterpret_cast<const uint4*>(src);
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const float2 f = Pair<T>::unpack(x.t[e]);
+      const float2 f = Elt<T>::unpack(x.t[e]);
       dst[2 * e] = f.x;
       dst[2 * e + 1] = f.y;
     }
   } else {
 #pragma unroll
-    for (int e = 0; e < 8; ++e) dst[e] = to_float(src[e]);
+    for (int e = 0; e < 8; ++e) dst[e] = Elt<T>::to_f(src[e]);
   }
 }
 
@@ -247,7 +210,7 @@ __global__ void __launch_bounds__(kThreads, min_ctas<D>())
 #if ADAPTOK_VARLEN_DEVICE
   constexpr float kLn2 = 0.6931471805599453f;
   using L = Smem<D>;
-  using T2 = typename Pair<T>::T2;
+  using T2 = typename Elt<T>::Pair;
   using FragA = Frag<T, wmma::matrix_a, wmma::row_major>;
   using FragKt = Frag<T, wmma::matrix_b, wmma::col_major>;
   using FragV = Frag<T, wmma::matrix_b, wmma::row_major>;
@@ -386,7 +349,7 @@ __global__ void __launch_bounds__(kThreads, min_ctas<D>())
       const float a = exp2f(col < kv_rows ? x.x * qk_scale - m_ref : -INFINITY);
       const float b = exp2f(col + 1 < kv_rows ? x.y * qk_scale - m_ref : -INFINITY);
       row_sum += a + b;
-      pk[c] = Pair<T>::pack(a, b);
+      pk[c] = Elt<T>::pack(a, b);
     }
     row_sum += __shfl_xor_sync(0xffffffffu, row_sum, 1);
     l_i = l_i * alpha + row_sum;
@@ -451,17 +414,17 @@ __global__ void __launch_bounds__(kThreads, min_ctas<D>())
           uint4 u;
           T2 t[4];
         } pack;
-        pack.t[0] = Pair<T>::pack(a.x, a.y);
-        pack.t[1] = Pair<T>::pack(a.z, a.w);
-        pack.t[2] = Pair<T>::pack(b.x, b.y);
-        pack.t[3] = Pair<T>::pack(b.z, b.w);
+        pack.t[0] = Elt<T>::pack(a.x, a.y);
+        pack.t[1] = Elt<T>::pack(a.z, a.w);
+        pack.t[2] = Elt<T>::pack(b.x, b.y);
+        pack.t[3] = Elt<T>::pack(b.z, b.w);
         *reinterpret_cast<uint4*>(out + row * p.o_stride_t + c) = pack.u;
       }
     } else {
       for (int i = lane; i < strip_rows * D; i += 32) {
         const int row = i / D;
         const int c = i % D;
-        out[row * p.o_stride_t + c] = from_float<T>(o_s[row * L::kLdO + c]);
+        out[row * p.o_stride_t + c] = Elt<T>::from_f(o_s[row * L::kLdO + c]);
       }
     }
   }

@@ -28,6 +28,7 @@ def _configs():
     import torch
 
     from adaptok.kernels import ragged
+    from adaptok.kernels import segment_layer_norm as sln
     from adaptok.kernels import topk_select as ts
     from adaptok.kernels import varlen_attention as va
 
@@ -69,6 +70,19 @@ def _configs():
                           "RENORMALIZE": renormalize}
             yield (f"topk_select._fwd_kernel {t} C={channels} N={max_seqlen} fuse={fuse} renormalize={renormalize}",
                    ts._fwd_kernel, _signature(ts._fwd_kernel, pointers, set(), constexprs), constexprs, archs)
+
+    for dtype, t in names.items():
+        archs = (80, 90) if dtype == torch.bfloat16 else (90,)
+        pointers = {**{n: f"*{t}" for n in ("x", "residual", "weight", "bias", "y", "h_out")},
+                    "mean": "*fp32", "rstd": "*fp32", "cu_seqlens": "*i32", "group": "*i32"}
+        for channels, residual, weight, bias in ((192, False, False, False), (384, True, True, True),
+                                                 (768, True, True, False), (768, False, True, True),
+                                                 (384, False, False, True), (8192, True, True, True)):
+            block_t, block_c, _ = sln.config(channels)
+            constexprs = {"BLOCK_T": block_t, "BLOCK_C": block_c, "SINGLE_TILE": block_c >= channels,
+                          "HAS_RESIDUAL": residual, "HAS_WEIGHT": weight, "HAS_BIAS": bias}
+            yield (f"segment_layer_norm._fwd_kernel {t} C={channels} residual={residual} weight={weight} bias={bias}",
+                   sln._fwd_kernel, _signature(sln._fwd_kernel, pointers, {"eps"}, constexprs), constexprs, archs)
 
 
 def _compile(index: int) -> list[str]:
