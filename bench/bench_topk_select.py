@@ -105,13 +105,14 @@ def provider_fn(provider, shape):
     if provider == "evit path":
         if len(set(lengths)) > 1:
             return "EViT's path needs a uniform batch (see evit padded)"
-        xb, sb = x.view(len(lengths), longest, CHANNELS), scores.view(len(lengths), longest)[:, 1:]
+        # Scores in x's dtype, as in EViT's model (mixing would promote the output).
+        xb, sb = x.view(len(lengths), longest, CHANNELS), scores.to(x.dtype).view(len(lengths), longest)[:, 1:]
         return lambda: evit_path(xb, sb, k)
     if provider == "evit padded":
         if len(set(lengths)) == 1:
             return "the batch is uniform (see evit path)"
         xb = adaptok.ops.unpack(x, cu, longest)
-        sb = adaptok.ops.unpack(scores[:, None], cu, longest, -1.0)[:, 1:, 0]
+        sb = adaptok.ops.unpack(scores.to(x.dtype)[:, None], cu, longest, -1.0)[:, 1:, 0]
         return lambda: evit_path(xb, sb, k)
     raise ValueError(provider)
 

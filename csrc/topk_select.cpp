@@ -180,9 +180,13 @@ void select_sequence(const TopkParams& p, int64_t b, Scratch& w) {
     weights += aj;
     for (int64_t c = 0; c < C; ++c) acc[c] += aj * static_cast<float>(xj[c]);
   }
-  const float scale = !p.renormalize ? 1.0f : weights > 0.0f ? 1.0f / weights : 0.0f;
+  // Renormalized: divided by the weight sum; a sum that is not positive
+  // (zero, negative or NaN) gives a zero token.
   scalar_t* fused = out + (1 + k) * C;
-  for (int64_t c = 0; c < C; ++c) fused[c] = static_cast<scalar_t>(acc[c] * scale);
+  for (int64_t c = 0; c < C; ++c) {
+    const float v = !p.renormalize ? acc[c] : weights > 0.0f ? acc[c] / weights : 0.0f;
+    fused[c] = static_cast<scalar_t>(v);
+  }
   kept_index[1 + k] = -1;
 }
 

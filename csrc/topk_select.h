@@ -19,8 +19,9 @@
 //   otherwise: out[o] = x[s] (kept_index s);
 //       out[o + 1 + rank_j] = x[s + j] for every kept j (kept_index s + j);
 //       if fuse: out[o + 1 + k] = sum over dropped j of w_j x[s + j], with
-//       w_j = a_j, or a_j / (sum of a over the dropped tokens) when
-//       renormalize; accumulated in fp32, rounded once; kept_index -1.
+//       w_j = a_j; with renormalize, the sum is divided by the sum S of a
+//       over the dropped tokens (a zero token when S is not positive);
+//       accumulated in fp32, rounded once; kept_index -1.
 //
 // So n_out = n when k == n - 1, else 1 + k + fuse; the op layer computes
 // cu_seqlens_out and total_out from the lengths and keep on the host.

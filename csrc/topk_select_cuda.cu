@@ -238,13 +238,16 @@ __global__ void __launch_bounds__(kThreads)
           load(j, v);
           accumulate(key_score(keys[j]), v);
         }
-        const float scale = !p.renormalize ? 1.f : wsum > 0.f ? 1.f / wsum : 0.f;
+        // Renormalized: divided by the weight sum (a sum that is not
+        // positive gives a zero token), as the other backends.
+        const auto fused = [&](float a) {
+          return !p.renormalize ? a : wsum > 0.f ? __fdiv_rn(a, wsum) : 0.f;
+        };
         T* dst = out + fo * C + c;
         if constexpr (kVec) {
-          *reinterpret_cast<typename E::Pair*>(dst) =
-              E::pack(__fmul_rn(acc[0], scale), __fmul_rn(acc[kU - 1], scale));
+          *reinterpret_cast<typename E::Pair*>(dst) = E::pack(fused(acc[0]), fused(acc[kU - 1]));
         } else {
-          *dst = E::from_f(__fmul_rn(acc[0], scale));
+          *dst = E::from_f(fused(acc[0]));
         }
       }
       if (blockIdx.y == 0 && tid == 0) p.kept_index[fo] = -1;

@@ -116,7 +116,7 @@ def _fwd_kernel(x, out, kept_index, cls_attn, cu_seqlens, cu_seqlens_out, keep, 
         fmask = ~unchanged & (fo < T_out)
         if RENORMALIZE:
             total = tl.sum(wsum, 0)
-            acc = acc * tl.where(total > 0, tl.math.div_rn(1.0, tl.where(total > 0, total, 1.0)), 0.0)
+            acc = tl.where(total > 0, tl.math.div_rn(acc, tl.where(total > 0, total, 1.0)), 0.0)
         tl.store(out + fo * C + cols, acc.to(out.dtype.element_ty), mask=fmask & col_mask)
         tl.store(kept_index + fo, -1, mask=fmask & write_index)
 

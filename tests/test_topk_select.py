@@ -91,7 +91,7 @@ def check(result, x, scores, cu, lengths, keep, fuse=True, renormalize=False):
     copies = ref_index >= 0
     assert torch.equal(x_out.cpu()[copies], x.cpu()[ref_index[copies]])  # copies are exact
     if (~copies).any():  # fused rows: the float64 sum rounded to x's dtype (fp32 accumulation)
-        tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[x.dtype]
+        tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[x.dtype]
         torch.testing.assert_close(x_out.cpu()[~copies].double(), ref_out[~copies], rtol=tol, atol=tol)
 
 
@@ -170,15 +170,15 @@ def test_lengths_hint_and_ragged_batch(select_backend):
 # ---------------------------------------------------------------------- backward
 
 
-def reference_autograd(x, scores, lengths, keep, renormalize):
+def reference_autograd(x, scores, lengths, keep, renormalize, fuse=True):
     """The selection of :func:`reference`, then torch ops that autograd
     differentiates with respect to x and the scores (float64)."""
-    _, index = reference(x.detach(), scores.detach(), lengths, keep, True, renormalize)
+    _, index = reference(x.detach(), scores.detach(), lengths, keep, fuse, renormalize)
     out_rows, start = [], 0
     for n, k in zip(lengths, keep):
         kept = index[(index >= start) & (index < start + n)].tolist()
         out_rows += [x[j] for j in kept]
-        if k < n - 1:
+        if k < n - 1 and fuse:
             dropped = sorted(set(range(start + 1, start + n)) - set(kept))
             w = scores[dropped]
             if renormalize:
@@ -192,23 +192,79 @@ def out_tokens(lengths, keep, fuse=True):
     return [n if k == n - 1 else 1 + k + int(fuse) for n, k in zip(lengths, keep)]
 
 
-@pytest.mark.parametrize("renormalize", [False, True])
-def test_gradients(select_backend, renormalize):
+@pytest.mark.parametrize("fuse,renormalize", [(True, False), (True, True), (False, False)])
+def test_gradients(select_backend, fuse, renormalize):
     """Gradients of x and cls_attn against autograd on the float64 reference."""
     device, backend = select_backend
     lengths = [1, 2, 50, 30]
     keep = [0, 0, 20, 29]
     x, scores, cu = make(lengths, 16, torch.float32, device, seed=2, ties=False)
     scores = scores + 0.01  # renormalized weights stay away from a zero sum
-    g = torch.randn(sum(out_tokens(lengths, keep)), 16, generator=torch.Generator().manual_seed(3)).to(device)
+    g = torch.randn(sum(out_tokens(lengths, keep, fuse)), 16, generator=torch.Generator().manual_seed(3)).to(device)
     leaves = [x.detach().requires_grad_(), scores.detach().requires_grad_()]
     with adaptok.backend(backend), poison_outputs():
-        out = adaptok.topk_select(leaves[0], cu, 50, leaves[1], keep=keep, renormalize=renormalize)[0]
-    actual = torch.autograd.grad(out, leaves, g)
+        out = adaptok.topk_select(leaves[0], cu, 50, leaves[1], keep=keep, fuse=fuse, renormalize=renormalize)[0]
+    actual = torch.autograd.grad(out, leaves, g, allow_unused=True)
+    actual = [a if a is not None else torch.zeros_like(t) for a, t in zip(actual, leaves)]
     ref = [t.detach().double().cpu().requires_grad_() for t in (x, scores)]
-    expected = torch.autograd.grad(reference_autograd(*ref, lengths, keep, renormalize), ref, g.double().cpu())
+    expected = torch.autograd.grad(reference_autograd(*ref, lengths, keep, renormalize, fuse), ref, g.double().cpu(),
+                                   allow_unused=True)
+    expected = [e if e is not None else torch.zeros_like(t) for e, t in zip(expected, ref)]
     for a, e in zip(actual, expected):
         torch.testing.assert_close(a.double().cpu(), e, rtol=1e-5, atol=1e-6)
+
+
+def test_gradients_ignore_non_finite_scores_elsewhere(select_backend):
+    """An infinite score (a forced keep) and a NaN CLS score leave every
+    gradient finite: masks select, they do not multiply."""
+    device, backend = select_backend
+    x, scores, cu = make([6, 5], 8, torch.float32, device, ties=False)
+    scores = scores.clone()
+    scores[2], scores[0], scores[6] = math.inf, math.nan, math.nan  # a kept token, two CLS scores
+    leaves = [x.detach().requires_grad_(), scores.detach().requires_grad_()]
+    for renormalize in (False, True):
+        with adaptok.backend(backend):
+            out, _, _, kept = adaptok.topk_select(leaves[0], cu, 6, leaves[1], keep=[2, 1], renormalize=renormalize)
+        g = torch.randn_like(out)
+        grad_x, grad_a = torch.autograd.grad(out, leaves, g)
+        assert torch.isfinite(grad_x).all()
+        # Copied rows (CLS and kept) get exactly their output row's gradient.
+        for row, source in enumerate(kept.tolist()):
+            if source >= 0:
+                assert torch.equal(grad_x[source], g[row])
+        dropped = [j for j in range(11) if j not in kept.tolist()]
+        assert torch.isfinite(grad_a[dropped]).all()
+
+
+def test_float64_runs_where_a_backend_serves_it():
+    """fp64 (gradcheck, references) is not a kernel dtype: automatic choice
+    falls back to the torch backend."""
+    x, scores, cu = make([4, 6], 8, torch.float64, "cpu", ties=False)
+    check(adaptok.topk_select(x, cu, 6, scores.double(), keep_rate=0.5), x, scores, cu, [4, 6], [2, 3])
+
+
+def test_layout_check_knows_whether_rows_are_fused(select_backend):
+    """Offsets laid out for one fuse setting are rejected under the other."""
+    device, backend = select_backend
+    if device != "cpu":
+        pytest.skip("offsets are checked where reading them is free")
+    lengths, keep = [5, 4], [2, 1]
+    x, scores, cu = make(lengths, 8, torch.float32, device)
+    args = list(_op_args(x, scores, cu, lengths, keep, fuse=False))
+    args[7] = True  # fuse, with offsets laid out without fused rows
+    with adaptok.backend(backend), pytest.raises(ValueError, match="cu_seqlens_out gives sequence 0 3 tokens"):
+        torch.ops.adaptok.topk_select(*args)
+
+
+def test_wide_rows_and_long_sequences(select_backend):
+    """Several channel blocks and more than 512 tokens (the Triton kernel's
+    wide-block configuration)."""
+    device, backend = select_backend
+    lengths = [600, 3, 1]
+    x, scores, cu = make(lengths, 300, torch.float32, device, ties=True)
+    keep = [math.ceil(0.7 * (n - 1)) for n in lengths]
+    result = run(backend, x, cu, 600, scores, keep_rate=0.7)
+    check(result, x, scores, cu, lengths, keep)
 
 
 def test_gradcheck_float64():
@@ -303,6 +359,8 @@ def test_errors_name_the_argument():
         (dict(keep=[1]), ValueError, "keep must have one entry per sequence"),
         (dict(keep=torch.tensor([1.0, 1.0])), TypeError, "keep must be a 1-D integer tensor"),
         (dict(keep_rate=0.5, lengths=[8]), ValueError, "lengths must have one entry per sequence"),
+        (dict(keep_rate=0.5, lengths=[3, 6]), ValueError, r"lengths must sum to x.shape\[0\] = 8"),
+        (dict(keep_rate=0.5, lengths=[4, 4]), ValueError, "lengths must match cu_seqlens"),
     ]
     for kwargs, kind, message in cases:
         with pytest.raises(kind, match=message):

@@ -116,18 +116,18 @@ def _check(x: Tensor, cu_seqlens: Tensor, cls_attn: Tensor, keep: Tensor, cu_seq
         raise ValueError(f"max_seqlen must be >= 1, got {max_seqlen}")
 
 
-def _check_values(x, cu_seqlens, keep, cu_seqlens_out, total_out, max_seqlen) -> None:
+def _check_values(x, cu_seqlens, keep, cu_seqlens_out, total_out, max_seqlen, fuse) -> None:
     """Checks that read offsets (CPU tensors, or ``ADAPTOK_DEBUG=1``)."""
     common.check_cu_seqlens_values(cu_seqlens, x.shape[0], total_name="x.shape[0]")
     common.check_max_len(cu_seqlens, max_seqlen, "max_seqlen")
     lengths = cu_seqlens.diff().tolist()
     keep = _host_keep(keep, lengths)
     common.check_cu_seqlens_values(cu_seqlens_out, total_out, name="cu_seqlens_out", total_name="total_out")
-    fused = cu_seqlens_out.diff().tolist()
-    for b, (n, k, m) in enumerate(zip(lengths, keep, fused)):
-        if m not in ({n} if k == n - 1 else {1 + k, 2 + k}):
-            raise ValueError(f"cu_seqlens_out gives sequence {b} {m} tokens; with {n} tokens and keep {k} it has "
-                             f"{n if k == n - 1 else f'{1 + k} or {2 + k}'}")
+    expected = output_lengths(lengths, keep, fuse)
+    for b, (m, e) in enumerate(zip(cu_seqlens_out.diff().tolist(), expected)):
+        if m != e:
+            raise ValueError(f"cu_seqlens_out gives sequence {b} {m} tokens; with {lengths[b]} tokens and keep "
+                             f"{keep[b]} it has {e}")
 
 
 # ---------------------------------------------------------------------- backends
@@ -176,15 +176,23 @@ def topk_select_reference(x: Tensor, cu_seqlens: Tensor, cls_attn: Tensor, keep:
         if fuse:
             dropped = order[k:].sort().values
             w = cls_attn[dropped].to(compute)
-            if renormalize:
+            if renormalize:  # a weight sum that is not positive gives a zero token
                 w = w / w.sum() if w.sum() > 0 else torch.zeros_like(w)
             out[o + k + 1] = (w[:, None] * x[dropped].to(compute)).sum(0).to(x.dtype)
             kept_index[o + k + 1] = -1
     return out, kept_index
 
 
-@TOPK_SELECT.register("cuda", ext_op="ext_topk_select")
-@TOPK_SELECT.register("cpu", ext_op="ext_topk_select")
+# The CUDA kernel stages a sequence's scores in shared memory.
+CUDA_MAX_SEQLEN = 16384
+
+
+def _cuda_check(x, cu_seqlens, cls_attn, keep, cu_seqlens_out, total_out, max_seqlen, *rest) -> Optional[str]:
+    return f"sequences up to {CUDA_MAX_SEQLEN} tokens, got max_seqlen {max_seqlen}" if max_seqlen > CUDA_MAX_SEQLEN else None
+
+
+@TOPK_SELECT.register("cuda", dtypes=_FLOATS, ext_op="ext_topk_select", check=_cuda_check)
+@TOPK_SELECT.register("cpu", dtypes=_FLOATS, ext_op="ext_topk_select")
 def _topk_select_ext(x, cu_seqlens, cls_attn, keep, cu_seqlens_out, total_out, max_seqlen, fuse, renormalize):
     out = common.empty((total_out, x.shape[1]), x)
     kept_index = common.empty((total_out,), x, torch.int64)
@@ -214,7 +222,7 @@ def _topk_select_op(x: Tensor, cu_seqlens: Tensor, cls_attn: Tensor, keep: Tenso
             total_out, max_seqlen, fuse, renormalize)
     impl = TOPK_SELECT.select(*args)
     if common.check_values_in_python(impl, cu_seqlens):
-        _check_values(x, cu_seqlens, keep, cu_seqlens_out, total_out, max_seqlen)
+        _check_values(x, cu_seqlens, keep, cu_seqlens_out, total_out, max_seqlen, fuse)
     return impl.fn(*args)
 
 
@@ -226,8 +234,9 @@ def _(x, cu_seqlens, cls_attn, keep, cu_seqlens_out, total_out, max_seqlen, fuse
 
 def _setup(ctx, inputs, output):
     x, cu_seqlens, cls_attn, keep, cu_seqlens_out, total_out, _, fuse, renormalize = inputs
-    out, kept_index = output
-    ctx.save_for_backward(x, cls_attn, kept_index, cu_seqlens, cu_seqlens_out, out if renormalize else None)
+    _, kept_index = output
+    ctx.save_for_backward(x if fuse else None, cls_attn, kept_index, cu_seqlens, cu_seqlens_out)
+    ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
     ctx.fuse, ctx.renormalize = fuse, renormalize
     ctx.mark_non_differentiable(kept_index)
 
@@ -235,39 +244,39 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_index):
     """Kept rows pass their gradient back to their source row; a fused row
     passes ``w_j * g`` to each dropped token j and ``<x_j, g>`` (renormalized:
-    ``<x_j - fused, g> / S``) to its score. No device sync."""
-    x, cls_attn, kept_index, cu_seqlens, cu_seqlens_out, out = ctx.saved_tensors
-    T, C = x.shape
-    compute = cls_attn.dtype
+    ``<x_j - fused, g> / S``) to its score. Masks select rather than
+    multiply, so a non-finite value elsewhere never leaks in; per-sequence
+    sums use no atomics, so the result is deterministic. No device sync."""
+    x, cls_attn, kept_index, cu_seqlens, cu_seqlens_out = ctx.saved_tensors
+    (T, C), compute = ctx.x_shape, cls_attn.dtype
     kept = kept_index >= 0
     src = torch.where(kept, kept_index, 0)
     g = grad_out.to(compute)
-    grad_x = torch.zeros((T, C), dtype=compute, device=x.device).index_add_(0, src, g * kept[:, None])
+    grad_x = torch.zeros((T, C), dtype=compute, device=g.device).index_add_(0, src, g.masked_fill(~kept[:, None], 0))
     grad_a = torch.zeros_like(cls_attn)
     if ctx.fuse:
-        batch = cu_seqlens.shape[0] - 1
-        seq_out = common.seq_ids(cu_seqlens_out, kept_index.shape[0])
+        # A sequence's fused row is its last output row.
+        last = cu_seqlens_out[1:].long() - 1
+        has_fused = kept_index[last] < 0
+        g_fused = torch.where(has_fused[:, None], g[last], 0.0)
+        copies = torch.zeros(T, dtype=torch.int32, device=g.device).index_add_(0, src, kept.to(torch.int32))
         seq_in = common.seq_ids(cu_seqlens, T)
-        fused = ~kept
-        # Each sequence has at most one fused row: its gradient, per sequence.
-        g_fused = torch.zeros((batch, C), dtype=compute, device=x.device).index_add_(0, seq_out, g * fused[:, None])
-        # Dropped tokens: those no output row copies.
-        copies = torch.zeros(T, dtype=torch.int32, device=x.device).index_add_(0, src, kept.to(torch.int32))
-        dropped = (copies == 0).to(compute)
+        dropped = (copies == 0) & has_fused[seq_in]
         g_tok = g_fused[seq_in]
         xf = x.to(compute)
-        weight = cls_attn * dropped
+        a = torch.where(dropped, cls_attn, 0.0)
         if ctx.renormalize:
-            total = torch.zeros(batch, dtype=compute, device=x.device).index_add_(0, seq_in, weight)
-            inv = torch.where(total > 0, 1 / total.clamp_min(torch.finfo(compute).tiny), 0.0)[seq_in]
-            fused_value = torch.zeros((batch, C), dtype=compute, device=x.device).index_add_(
-                0, seq_out, out.to(compute) * fused[:, None])[seq_in]
-            grad_x += (weight * inv)[:, None] * g_tok
-            grad_a = dropped * inv * ((xf - fused_value) * g_tok).sum(-1)
+            offsets = cu_seqlens.long()
+            total = torch.segment_reduce(a, "sum", offsets=offsets, unsafe=True)
+            inv = torch.where(total > 0, 1 / torch.where(total > 0, total, 1.0), 0.0)
+            fused = torch.segment_reduce(a[:, None] * xf, "sum", offsets=offsets, axis=0, unsafe=True) * inv[:, None]
+            inv = inv[seq_in]
+            grad_x += torch.where(dropped[:, None], (a * inv)[:, None] * g_tok, 0.0)
+            grad_a = torch.where(dropped, inv * ((xf - fused[seq_in]) * g_tok).sum(-1), 0.0)
         else:
-            grad_x += weight[:, None] * g_tok
-            grad_a = dropped * (xf * g_tok).sum(-1)
-    return grad_x.to(x.dtype), None, grad_a, None, None, None, None, None, None
+            grad_x += torch.where(dropped[:, None], a[:, None] * g_tok, 0.0)
+            grad_a = torch.where(dropped, (xf * g_tok).sum(-1), 0.0)
+    return grad_x.to(ctx.x_dtype), None, grad_a, None, None, None, None, None, None
 
 
 _topk_select_op.register_autograd(_backward, setup_context=_setup)
@@ -325,19 +334,28 @@ def select_tokens(x, cu_seqlens, max_seqlen, cls_attn, keep_rate, keep, fuse, re
     common.check_cu_seqlens(cu_seqlens, x, "x")
     if (keep_rate is None) == (keep is None):
         raise ValueError("give exactly one of keep_rate and keep, got " + ("both" if keep is not None else "neither"))
-    if not isinstance(max_seqlen, int):
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
         raise TypeError(f"max_seqlen must be a host int (reading it from a tensor would sync), got {type(max_seqlen).__name__}")
     if not cls_attn.is_floating_point():
         raise TypeError(f"cls_attn must be floating point, got {cls_attn.dtype}")
     batch = cu_seqlens.shape[0] - 1
+    if common.check_values_now(cu_seqlens) and not torch.compiler.is_compiling():
+        common.check_cu_seqlens_values(cu_seqlens, x.shape[0], total_name="x.shape[0]")
     if lengths is None:
         lengths = cu_seqlens.diff().tolist()
     else:
         lengths = [int(n) for n in lengths]
         if len(lengths) != batch:
             raise ValueError(f"lengths must have one entry per sequence ({batch}), got {len(lengths)}")
+        if sum(lengths) != x.shape[0]:
+            raise ValueError(f"lengths must sum to x.shape[0] = {x.shape[0]}, got {sum(lengths)}")
+        if (common.check_values_now(cu_seqlens) and not torch.compiler.is_compiling()
+                and lengths != cu_seqlens.diff().tolist()):
+            raise ValueError(f"lengths must match cu_seqlens, got {lengths} for {cu_seqlens.diff().tolist()}")
     if min(lengths) < 1:
         raise ValueError(f"every sequence needs at least one token, got lengths {lengths}")
+    if max(lengths) > max_seqlen:
+        raise ValueError(f"cu_seqlens holds a sequence of {max(lengths)} tokens, more than max_seqlen = {max_seqlen}")
     counts = keep_counts(lengths, _check_keep_rate(keep_rate)) if keep is None else _host_keep(keep, lengths)
     out_lengths = output_lengths(lengths, counts, fuse)
     offsets = [0]
