@@ -30,7 +30,7 @@ def sample(device="cpu", dtype=torch.float32):
 # The backends each op is expected to have.
 EXPECTED_BACKENDS = {name: set(BACKENDS) for name in (
     "pack", "unpack", "cls_tokens", "select_sequences", "varlen_attention", "varlen_attention_backward",
-    "topk_select", "segment_layer_norm")}
+    "topk_select", "segment_layer_norm", "pack_patches")}
 
 
 def test_every_op_has_a_reference_and_its_backends():
@@ -89,13 +89,15 @@ def test_backend_from_environment():
 
 
 def test_import_is_lean():
-    """import adaptok loads neither triton nor the extension, and leaves CUDA
-    uninitialized."""
+    """import adaptok loads neither triton, the extension nor timm, and leaves
+    CUDA uninitialized; adaptok.patch loads timm on first use."""
     result = run_python("""
         import sys, torch, adaptok
-        print("triton" in sys.modules, "adaptok._C" in sys.modules, torch.cuda.is_initialized())
+        print("triton" in sys.modules, "adaptok._C" in sys.modules, "timm" in sys.modules, torch.cuda.is_initialized())
+        adaptok.patch
+        print("timm" in sys.modules)
     """)
-    assert result.stdout.split() == ["False", "False", "False"]
+    assert result.stdout.split() == ["False", "False", "False", "False", "True"]
 
 
 def test_broken_extension_falls_back_with_one_warning():

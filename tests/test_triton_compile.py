@@ -27,6 +27,7 @@ def _configs():
     of the optional outputs, to keep the check near a minute."""
     import torch
 
+    from adaptok.kernels import pack_patches as pp
     from adaptok.kernels import ragged
     from adaptok.kernels import segment_layer_norm as sln
     from adaptok.kernels import topk_select as ts
@@ -83,6 +84,19 @@ def _configs():
                           "HAS_RESIDUAL": residual, "HAS_WEIGHT": weight, "HAS_BIAS": bias}
             yield (f"segment_layer_norm._fwd_kernel {t} C={channels} residual={residual} weight={weight} bias={bias}",
                    sln._fwd_kernel, _signature(sln._fwd_kernel, pointers, {"eps"}, constexprs), constexprs, archs)
+
+    for dtype, t in names.items():
+        archs = (80, 90) if dtype == torch.bfloat16 else (90,)
+        pointers = {n: f"*{t}" for n in ("patches", "pos", "prefix", "out")}
+        # stride_p = 1 as for a convolution's output: Triton specializes it,
+        # and the kernel is then compiled with a transposed load.
+        for channels, pos, prefix, stride_p in ((384, True, True, 1), (384, False, False, 384), (3, True, False, 1)):
+            block_r, block_c, _ = pp.config(channels)
+            constexprs = {"BLOCK_R": block_r, "BLOCK_C": block_c, "HAS_POS": pos, "HAS_PREFIX": prefix}
+            if stride_p == 1:
+                constexprs["stride_p"] = 1
+            yield (f"pack_patches._pack_kernel {t} C={channels} pos={pos} prefix={prefix} stride_p={stride_p}",
+                   pp._pack_kernel, _signature(pp._pack_kernel, pointers, set(), constexprs), constexprs, archs)
 
 
 def _compile(index: int) -> list[str]:
