@@ -1,110 +1,286 @@
-"""``adaptok-bench`` (or ``python -m adaptok.bench``): runs adaptok's ragged
-batching on whatever device exists and compares every backend side by side.
+"""``adaptok-bench`` (or ``python -m adaptok.bench``): end-to-end images per
+second of a timm ViT (DeiT-S by default, random weights unless a checkpoint
+is given) run with adaptok, next to what users run without it, in one run.
 
-The batch is a 50/50 mix of 7x7 and 14x14 images (50 and 197 tokens with the
-CLS token), 384 channels, as DeiT-S sees it: 256 images in bfloat16 on a GPU,
-64 in float32 on the CPU. Each op runs on every backend that can serve it, next
-to the per-sequence Python loop a user would write without adaptok and a plain
-copy of the same bytes (the bandwidth ceiling). Prints a table and writes
-``ragged.json`` (device, versions, commit, medians) to ``--out``.
+Variants, each at the batch size and at batch size 1:
+
+- ``timm``: the unpatched model;
+- ``adaptok parity``: ``adaptok.patch(model)``, the same computation;
+- ``EViT adaptok``: ``adaptok.patch(model, keep_rate=...)``;
+- ``EViT public code``: the same EViT computed as its public code does
+  (attention matrices materialized, topk/gather/complement);
+- ``mix packed adaptok``: a batch mixing 7x7 and 14x14 images (``--mix`` of
+  them 7x7) in one packed forward, ``model(images, grid=...)``;
+- ``mix padded``: the same batch padded to 197 tokens with a key mask;
+- ``mix 2 batches``: the same batch as one timm call per grid.
+
+Resizing, packing and reordering are inside the timed calls. On the CPU the
+memory allocator is left as it is (glibc maps fresh pages for tensors over
+32 MiB, which costs large batches page faults); ``--steady-allocator`` makes
+it reuse freed memory instead (:func:`adaptok.benchmarking.steady_allocator`).
+The GPU runs
+bfloat16 with 256 images (512 mixed); the CPU float32 with 32. Prints a
+table and the targets, and writes ``adaptok-bench.json`` (device, versions,
+commit, every sample's median and spread) and ``adaptok-bench.png``
+(images/second against GMACs per image) to ``--out``.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
-from torch.nn.utils.rnn import pad_sequence
 
 import adaptok
-from adaptok.backends import REGISTRY
-from adaptok.benchmarking import environment, summarize, time_fn
+from adaptok import baselines
+from adaptok.benchmarking import environment, steady_allocator, summarize, synchronize, time_once
 from adaptok.info import default_device
+from adaptok.vit import macs
 
 
-def make_batch(batch: int, channels: int, device, dtype, short: int = 50, long: int = 197):
-    """A RaggedBatch alternating ``short``- and ``long``-token sequences."""
-    g = torch.Generator().manual_seed(0)
-    lengths = [short if i % 2 == 0 else long for i in range(batch)]
-    return adaptok.RaggedBatch.from_list([torch.randn(n, channels, generator=g).to(device, dtype) for n in lengths])
+@dataclass
+class Variant:
+    """One way to run the model: ``batch()`` processes the benchmark batch,
+    ``single()`` one image (two for the mixed variants: a 7x7 and a 14x14
+    one), ``macs`` per image."""
+
+    name: str
+    family: str
+    batch: Callable[[], object]
+    single: Callable[[], object]
+    images: int
+    single_images: int
+    macs: float
 
 
-def cases(rb: adaptok.RaggedBatch):
-    """``(op, args, bytes moved, python-loop baseline)`` for each ragged op."""
-    lengths = list(rb.lengths)
-    row = rb.values[0].numel() * rb.values.element_size()
-    padded = rb.to_padded()
-    idx = list(range(1, rb.batch_size, 2))
-    sub = rb.index_select(idx)
-    idx_dev = torch.tensor(idx, device=rb.device)
+def mixed_grids(batch: int, mix: float, small: int, large: int) -> list[int]:
+    """A fraction ``mix`` of the images at ``small``, spread evenly through
+    the batch (so packing has to regroup them)."""
+    return [small if int((i + 1) * mix) > int(i * mix) else large for i in range(batch)]
+
+
+def build(args, device: torch.device, dtype: torch.dtype) -> list[Variant]:
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(args.model, pretrained=False)
+    if args.checkpoint:
+        timm.models.load_checkpoint(model, args.checkpoint)
+    model = model.to(device, dtype).eval()
+    native = model.patch_embed.grid_size[0]
+    small = max(1, native // 2)
+    parity = adaptok.patch(copy.deepcopy(model))
+    evit = adaptok.patch(copy.deepcopy(model), keep_rate=args.keep_rate)
+    separate = baselines.SeparateBatches(model, (small, native))
+    padded = baselines.PaddedMixedGrid(model, (small, native))
+
+    g = torch.Generator().manual_seed(1)
+    size = tuple(model.patch_embed.img_size)
+    x = torch.randn(args.batch, 3, *size, generator=g).to(device, dtype)
+    xm = torch.randn(args.mix_batch, 3, *size, generator=g).to(device, dtype)
+    grid = mixed_grids(args.mix_batch, args.mix, small, native)
+    grid_t = torch.tensor(grid)
+    one, two = x[:1], xm[:2]
+    pair = [small, native]
+    conv = (native ** 2 - small ** 2) * parity.patch_embed.proj.weight.numel()
+    mix_macs = args.mix * macs(parity, small) + (1 - args.mix) * macs(parity, native)
+    # Padding runs a 7x7 image's blocks on 197 tokens; only its patch embedding is smaller.
+    padded_macs = macs(parity, native) - args.mix * conv
+    evit_macs, full_macs = macs(evit), macs(parity)
+    kr = args.keep_rate
+
+    def evit_public(x):
+        return baselines.evit_public(model, x, keep_rate=kr)
+
+    if args.compile:
+        model, parity, evit, evit_public, padded = (torch.compile(f) for f in (model, parity, evit, evit_public, padded))
+        separate.models = {k: torch.compile(m) for k, m in separate.models.items()}
     return [
-        ("pack", (padded, rb.cu_seqlens, rb.total_tokens), 2 * rb.total_tokens * row,
-         lambda: torch.cat([padded[b, :n] for b, n in enumerate(lengths)])),
-        ("unpack", (rb.values, rb.cu_seqlens, rb.max_seqlen, 0.0), (rb.total_tokens + padded.shape[0] * padded.shape[1]) * row,
-         lambda: pad_sequence(rb.values.split(lengths), batch_first=True)),
-        ("cls_tokens", (rb.values, rb.cu_seqlens), 2 * rb.batch_size * row,
-         lambda: torch.stack([s[0] for s in rb.values.split(lengths)])),
-        ("select_sequences", (rb.values, rb.cu_seqlens, idx_dev, sub.cu_seqlens, sub.total_tokens), 2 * sub.total_tokens * row,
-         lambda: torch.cat([rb.values.split(lengths)[i] for i in idx])),
+        Variant("timm", "timm", lambda: model(x), lambda: model(one), args.batch, 1, full_macs),
+        Variant("adaptok parity", "adaptok", lambda: parity(x), lambda: parity(one), args.batch, 1, full_macs),
+        Variant(f"EViT {kr} adaptok", "adaptok", lambda: evit(x), lambda: evit(one), args.batch, 1, evit_macs),
+        Variant(f"EViT {kr} public code", "baseline", lambda: evit_public(x), lambda: evit_public(one), args.batch, 1,
+                evit_macs),
+        Variant("mix packed adaptok", "adaptok", lambda: parity(xm, grid=grid_t),
+                lambda: [parity(two[i:i + 1], grid=[g]) for i, g in enumerate(pair)], args.mix_batch, 2, mix_macs),
+        Variant("mix padded", "baseline", lambda: padded(xm, grid), lambda: padded(two, pair), args.mix_batch, 2,
+                padded_macs),
+        Variant("mix 2 batches", "baseline", lambda: separate(xm, grid),
+                lambda: [separate(two[i:i + 1], [g]) for i, g in enumerate(pair)], args.mix_batch, 2, mix_macs),
     ]
 
 
-def run(device: torch.device, dtype: torch.dtype, batch: int, channels: int, repeats: int) -> dict:
-    rb = make_batch(batch, channels, device, dtype)
+def measure(variants: list[Variant], device: torch.device, repeats: int, warmup: int, progress: bool) -> dict:
+    """Median seconds per call of every variant, batch and single image.
+    Rounds interleave the variants (one call each per round), so that a
+    machine that speeds up or slows down during the run shifts them all."""
+    calls = [(v, mode) for mode in ("batch", "single") for v in variants]
+    rounds = {"batch": repeats, "single": 3 * repeats}
+    total = sum(warmup + rounds[mode] for _, mode in calls)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="call", desc="adaptok-bench", leave=False)
+    samples: dict = {(v.name, mode): [] for v, mode in calls}
+    with torch.inference_mode():
+        for mode in ("batch", "single"):
+            group = [v for v, m in calls if m == mode]
+            for r in range(warmup + rounds[mode]):
+                for v in group:
+                    fn = v.batch if mode == "batch" else v.single
+                    if r < warmup:
+                        fn()
+                        synchronize(device)
+                    else:
+                        samples[(v.name, mode)].append(time_once(fn, device))
+                    if bar is not None:
+                        bar.update()
+    if bar is not None:
+        bar.close()
+    return samples
+
+
+def report(args, device, dtype, variants: list[Variant], samples: dict) -> dict:
     results = []
-    for name, args, nbytes, loop in cases(rb):
-        op = REGISTRY[name]
-        src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
-        # The ceiling: one copy of the same bytes into a new tensor (every op
-        # allocates its output too).
-        providers = {"python loop": loop, "copy (ceiling)": src.clone}
-        for b, reason in op.reasons(*args).items():
-            if reason is None and not (b == "triton" and device.type == "cpu"):
-                providers[b] = lambda fn=op.impls[b].fn: fn(*args)
-        for provider, fn in providers.items():
-            stats = summarize(time_fn(fn, device, repeats=repeats, min_time=0.2))
-            results.append({"op": name, "provider": provider, "bytes": nbytes,
-                            "gb_per_s": nbytes / stats["median_s"] / 1e9, **stats})
-    return {"environment": environment(device), "batch": batch, "channels": channels,
-            "dtype": str(dtype).replace("torch.", ""), "mix": "50/50 of 50 and 197 tokens", "results": results}
+    for v in variants:
+        batch, single = summarize(samples[(v.name, "batch")]), summarize(samples[(v.name, "single")])
+        results.append({"variant": v.name, "family": v.family, "images": v.images, "gmacs_per_image": v.macs / 1e9,
+                        "batch": batch, "images_per_s": v.images / batch["median_s"],
+                        "single": single, "single_ms_per_image": 1e3 * single["median_s"] / v.single_images,
+                        "single_images": v.single_images})
+    out = {"environment": {**environment(device), "host_allocator": args.allocator}, "model": args.model,
+           "checkpoint": args.checkpoint, "dtype": str(dtype).replace("torch.", ""), "batch": args.batch,
+           "mix_batch": args.mix_batch, "mix": args.mix, "keep_rate": args.keep_rate, "compile": args.compile, "repeats": args.repeats,
+           "results": results}
+    out["targets"] = targets(out, device.type == "cuda")
+    return out
 
 
-def table(report: dict) -> str:
-    lines = [f"{report['environment']['device']} | {report['batch']} images, {report['mix']}, "
-             f"C={report['channels']}, {report['dtype']} | median of >= 20 runs",
-             f"{'op':17s} {'provider':15s} {'time (us)':>10s} {'GB/s':>8s} {'vs loop':>8s} {'% of copy':>9s}"]
-    by_op: dict = {}
-    for r in report["results"]:
-        by_op.setdefault(r["op"], {})[r["provider"]] = r
-    for op, rows in by_op.items():
-        loop, copy = rows["python loop"]["median_s"], rows["copy (ceiling)"]["median_s"]
-        for provider, r in rows.items():
-            lines.append(f"{op:17s} {provider:15s} {r['median_s'] * 1e6:10.1f} {r['gb_per_s']:8.1f} "
-                         f"{loop / r['median_s']:7.2f}x {100 * copy / r['median_s']:8.0f}%")
+def targets(rep: dict, gpu: bool) -> list[dict]:
+    """The issue's speed targets, with the measured ratio of each."""
+    by = {r["variant"]: r for r in rep["results"]}
+    kr = rep["keep_rate"]
+    rate = {name: r["images_per_s"] for name, r in by.items()}
+    lat = {name: r["single_ms_per_image"] for name, r in by.items()}
+    evit, public = f"EViT {kr} adaptok", f"EViT {kr} public code"
+    rows = []
+
+    def add(what, value, goal, higher=True):
+        rows.append({"target": what, "measured": value, "goal": goal,
+                     "met": value >= goal if higher else value <= goal})
+
+    if gpu:
+        add("parity vs timm (images/s ratio)", rate["adaptok parity"] / rate["timm"], 1.0)
+        add(f"EViT {kr} vs timm", rate[evit] / rate["timm"], 1.5)
+        add(f"EViT {kr} vs its public code", rate[evit] / rate[public], 1.3)
+        add("mix packed vs padded", rate["mix packed adaptok"] / rate["mix padded"], 1.6)
+        add("mix packed time / 2 batches time", rate["mix 2 batches"] / rate["mix packed adaptok"], 1.05, higher=False)
+        for name in ("adaptok parity", evit, "mix packed adaptok"):
+            add(f"batch size 1: {name} latency / timm", lat[name] / lat["timm"], 1.0, higher=False)
+    else:
+        add(f"EViT {kr} vs timm", rate[evit] / rate["timm"], 1.6)
+        add("mix packed vs the all-14x14 batch (timm)", rate["mix packed adaptok"] / rate["timm"], 1.7)
+    return rows
+
+
+def table(rep: dict) -> str:
+    env = rep["environment"]
+    lines = [f"{rep['model']} on {env['device']}, {rep['dtype']}, batch {rep['batch']} "
+             f"({rep['mix_batch']} mixed: {rep['mix']:.0%} 7x7), torch {env['torch']}, adaptok {env['commit'][:12]}"
+             f"{', compiled' if rep['compile'] else ''}; medians of {rep['repeats']} rounds",
+             f"{'variant':24s} {'images/s':>9s} {'IQR %':>6s} {'GMACs/img':>9s} {'vs timm':>8s} "
+             f"{'bs1 ms/img':>10s} {'bs1 vs timm':>11s}"]
+    base = next(r for r in rep["results"] if r["variant"] == "timm")
+    for r in rep["results"]:
+        b = r["batch"]
+        iqr = 100 * (b["q3_s"] - b["q1_s"]) / b["median_s"]
+        lines.append(f"{r['variant']:24s} {r['images_per_s']:9.1f} {iqr:6.1f} {r['gmacs_per_image']:9.2f} "
+                     f"{r['images_per_s'] / base['images_per_s']:7.2f}x {r['single_ms_per_image']:10.2f} "
+                     f"{base['single_ms_per_image'] / r['single_ms_per_image']:10.2f}x")
+    lines.append("targets:")
+    for t in rep["targets"]:
+        lines.append(f"  {'met   ' if t['met'] else 'MISSED'} {t['target']}: {t['measured']:.2f} "
+                     f"({'>=' if 'latency' not in t['target'] and 'time' not in t['target'] else '<='} {t['goal']})")
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
+def plot(rep: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"timm": "tab:gray", "adaptok": "tab:blue", "baseline": "tab:orange"}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rep["results"]:
+        ax.scatter(r["gmacs_per_image"], r["images_per_s"], color=colors[r["family"]], s=40)
+        ax.annotate(r["variant"], (r["gmacs_per_image"], r["images_per_s"]), textcoords="offset points",
+                    xytext=(5, 3), fontsize=8)
+    for family, color in colors.items():
+        ax.scatter([], [], color=color, label=family)
+    ax.set_xlabel("GMACs per image")
+    mixed = f", mixed {rep['mix_batch']}" if rep["mix_batch"] != rep["batch"] else ""
+    ax.set_ylabel(f"images / second (batch {rep['batch']}{mixed})")
+    ax.set_title(f"{rep['model']}, {rep['environment']['device']}, {rep['dtype']}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
+def main(argv: Optional[list] = None) -> None:
     parser = argparse.ArgumentParser(prog="adaptok-bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="deit_small_patch16_224", help="timm model name (default: DeiT-S)")
+    parser.add_argument("--checkpoint", default=None, help="weights to load (default: random weights)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--batch", type=int, default=None, help="images (default: 256 on a GPU, 64 on the CPU)")
-    parser.add_argument("--channels", type=int, default=384)
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--out", default="bench-out", help="folder for ragged.json (default: bench-out)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                        help="default: bfloat16 on a GPU, float32 on the CPU")
+    parser.add_argument("--batch", type=int, default=None, help="images per call (default: 256 on a GPU, 32 on the CPU)")
+    parser.add_argument("--mix-batch", type=int, default=None, help="images of the mixed batch (default: 512 on a GPU, "
+                        "--batch on the CPU)")
+    parser.add_argument("--mix", type=_fraction, default=0.5, help="fraction of 7x7 images in the mixed batch")
+    parser.add_argument("--keep-rate", type=float, default=0.7, help="EViT keep rate (default 0.7)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the models first")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default: 20 on a GPU, 3 on the CPU)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--out", default="bench-out", help="folder for the JSON and the plot (default: bench-out)")
+    parser.add_argument("--steady-allocator", action="store_true",
+                        help="CPU: make glibc reuse freed memory instead of mapping fresh pages for large tensors")
+    parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     device = torch.device(args.device) if args.device else default_device()
     gpu = device.type == "cuda"
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if gpu else torch.float32)
-    batch = args.batch or (256 if gpu else 64)
-    report = run(device, dtype, batch, args.channels, args.repeats)
-    print(table(report))
+    args.batch = args.batch or (256 if gpu else 32)
+    args.mix_batch = args.mix_batch or (512 if gpu else args.batch)
+    args.repeats = args.repeats or (20 if gpu else 3)
+    if not 0.0 < args.keep_rate <= 1.0:
+        parser.error(f"--keep-rate must be in (0, 1], got {args.keep_rate}")
+    args.allocator = ("the device's caching allocator" if gpu else
+                      steady_allocator() if args.steady_allocator else "default")
+    variants = build(args, device, dtype)
+    samples = measure(variants, device, args.repeats, args.warmup, progress=not args.no_progress)
+    rep = report(args, device, dtype, variants, samples)
+    print(table(rep))
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "ragged.json")
+    path = os.path.join(args.out, "adaptok-bench.json")
     with open(path, "w") as f:
-        json.dump(report, f, indent=1)
-    print(f"wrote {path}")
+        json.dump(rep, f, indent=1)
+    plot(rep, os.path.join(args.out, "adaptok-bench.png"))
+    print(f"wrote {path} and adaptok-bench.png")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,21 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def time_once(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds of one call of ``fn``: CUDA events on a GPU, ``perf_counter``
+    on the CPU."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, repeats: int = 20,
             min_time: float = 0.0) -> list[float]:
     """Seconds per call of ``fn``, one sample per call after ``warmup`` calls.
@@ -33,17 +48,7 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, 
     samples: list[float] = []
     start_all = time.perf_counter()
     while len(samples) < repeats or time.perf_counter() - start_all < min_time:
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - t0)
+        samples.append(time_once(fn, device))
     return samples
 
 
@@ -51,6 +56,25 @@ def summarize(samples: list[float]) -> dict:
     """Median and spread (interquartile range) of timing samples, in seconds."""
     q = statistics.quantiles(samples, n=4) if len(samples) > 1 else [samples[0]] * 3
     return {"median_s": statistics.median(samples), "q1_s": q[0], "q3_s": q[2], "n": len(samples)}
+
+
+def steady_allocator() -> str:
+    """CPU runs: make glibc reuse freed memory (no mmap for large blocks, no
+    trimming). Otherwise whether a provider's large temporaries come from
+    fresh pages (a page fault per 4 KiB) depends on glibc's adaptive mmap
+    threshold, i.e. on which benchmarks ran before: measured 4.9 ms against
+    13.5 ms for the same EViT ops. Every provider runs under the same
+    setting, the steady state of a long-running process."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return "default (not glibc)"
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    if libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2**30):
+        return "glibc, mmap off, trim off"
+    return "default (mallopt failed)"
 
 
 def _git_commit() -> str:

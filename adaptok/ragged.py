@@ -71,7 +71,7 @@ class RaggedBatch:
         if not isinstance(max_seqlen, int) or max_seqlen < 1:
             raise ValueError(f"max_seqlen must be a host int >= 1, got {max_seqlen!r}")
         batch = cu_seqlens.shape[0] - 1
-        if common.check_values_now(cu_seqlens):
+        if common.check_values_now(cu_seqlens) and not torch.compiler.is_compiling():
             common.check_cu_seqlens_values(cu_seqlens, values.shape[0], total_name="values.shape[0]")
             longest = int(cu_seqlens.diff().max())
             if longest > max_seqlen:
@@ -85,6 +85,15 @@ class RaggedBatch:
         self.max_seqlen = max_seqlen
         self.grid = grid
         self._lengths = tuple(lengths) if lengths is not None else None
+
+    @classmethod
+    def _unchecked(cls, values: Tensor, lengths: Sequence[int], grid: Optional[Tensor] = None) -> "RaggedBatch":
+        """A batch over ``values`` with host ``lengths``, built without
+        checks: for callers that derived the lengths from shapes."""
+        out = cls.__new__(cls)
+        out.values, out.cu_seqlens, out.max_seqlen, out.grid, out._lengths = (
+            values, _cu_from_lengths(lengths, values.device), max(lengths), grid, tuple(lengths))
+        return out
 
     # ------------------------------------------------------------ constructors
 
@@ -153,6 +162,12 @@ class RaggedBatch:
         if self._lengths is None:
             self._lengths = tuple(self.cu_seqlens.diff().tolist())
         return self._lengths
+
+    @property
+    def is_uniform(self) -> bool:
+        """Whether every sequence has ``max_seqlen`` tokens, i.e. ``values``
+        is a ``[B, max_seqlen, *F]`` batch seen flat (known from shapes, no sync)."""
+        return self.batch_size * self.max_seqlen == self.total_tokens
 
     @property
     def device(self) -> torch.device:

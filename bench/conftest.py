@@ -9,33 +9,14 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from adaptok.benchmarking import environment  # noqa: E402
+from adaptok.benchmarking import environment, steady_allocator  # noqa: E402
 from adaptok.info import default_device  # noqa: E402
 
 DEVICE = default_device()
 ON_GPU = DEVICE.type == "cuda"
 
 
-def _steady_allocator() -> str:
-    """CPU runs: make glibc reuse freed memory (no mmap for large blocks, no
-    trimming). Otherwise whether a provider's large temporaries come from
-    fresh pages (a page fault per 4 KiB) depends on glibc's adaptive mmap
-    threshold, i.e. on which benchmarks ran before: measured 4.9 ms against
-    13.5 ms for the same EViT ops. Every provider runs under the same
-    setting, the steady state of a long-running process."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return "default (not glibc)"
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    if libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2**30):
-        return "glibc, mmap off, trim off"
-    return "default (mallopt failed)"
-
-
-ALLOCATOR = "the device's caching allocator" if ON_GPU else _steady_allocator()
+ALLOCATOR = "the device's caching allocator" if ON_GPU else steady_allocator()
 
 
 @pytest.fixture

@@ -1,0 +1,136 @@
+"""What users run without adaptok, for the benchmarks to compare against:
+plain timm models and PyTorch only, no adaptok op.
+
+- :func:`evit_public`: EViT the way its public code computes it (the
+  attention matrix materialized in every block to read its class-token row;
+  ``topk``, ``gather``, a sort for the complement, ``gather``, weighted sum).
+- :class:`PaddedMixedGrid`: a batch that mixes token grids, padded to the
+  longest sequence and masked (timm's own approach to variable resolution).
+- :class:`SeparateBatches`: the same batch split by grid, one timm model call
+  per grid.
+
+Each takes an unpatched timm ``VisionTransformer`` with a class token and
+``global_pool="token"`` (DeiT, ViT).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def _resize(images: Tensor, model: nn.Module) -> Tensor:
+    size = tuple(model.patch_embed.img_size)
+    if tuple(images.shape[-2:]) == size:
+        return images
+    return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+def at_grid(model: nn.Module, grid: int) -> nn.Module:
+    """A copy of ``model`` for images of ``grid`` x ``grid`` patches (timm's
+    ``set_input_size`` resamples the position table), or ``model`` itself."""
+    if tuple(model.patch_embed.grid_size) == (grid, grid):
+        return model
+    ph, pw = model.patch_embed.patch_size
+    out = copy.deepcopy(model)
+    out.set_input_size(img_size=(grid * ph, grid * pw))
+    return out
+
+
+def _groups(grid: Sequence[int]) -> dict[int, list[int]]:
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(grid):
+        members.setdefault(int(g), []).append(i)
+    return members
+
+
+def _in_input_order(parts: list[Tensor], members: dict[int, list[int]]) -> Tensor:
+    order = [i for idx in members.values() for i in idx]
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    return torch.cat(parts)[inverse.to(parts[0].device)]
+
+
+def _attention_with_probs(attn: nn.Module, x: Tensor):
+    """timm ``Attention`` with the ``[B, H, N, N]`` probabilities materialized
+    and returned, as EViT's fork of timm computes it."""
+    B, N, C = x.shape
+    q, k, v = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    p = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+    out = (attn.attn_drop(p) @ v).transpose(1, 2).reshape(B, N, attn.attn_dim)
+    return attn.proj_drop(attn.proj(attn.norm(out))), p
+
+
+def evit_public(model: nn.Module, images: Tensor, keep_rate: float = 0.7, prune_layers: Sequence[int] = (3, 6, 9),
+                fuse: bool = True) -> Tensor:
+    """EViT's forward computed the way its public code does, on an unpatched
+    timm model: logits ``[B, classes]``."""
+    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+    for i, blk in enumerate(model.blocks):
+        a, p = _attention_with_probs(blk.attn, blk.norm1(x))
+        x = x + blk.drop_path1(blk.ls1(a))
+        B, N, C = x.shape
+        left = math.ceil(keep_rate * (N - 1))
+        if i in prune_layers and left < N - 1:
+            cls_attn = p[:, :, 0, 1:].mean(dim=1)  # [B, N - 1]
+            _, idx = torch.topk(cls_attn, left, dim=1, largest=True, sorted=True)
+            others = x[:, 1:]
+            kept = torch.gather(others, 1, idx[..., None].expand(-1, -1, C))
+            parts = [x[:, :1], kept]
+            if fuse:
+                # The complement of the kept indices, by a sort over all N - 1.
+                marked = torch.zeros_like(cls_attn, dtype=torch.bool).scatter_(1, idx, True)
+                positions = torch.arange(N - 1, device=x.device).expand(B, -1).masked_fill(marked, N)
+                compl = positions.sort(dim=1).values[:, :N - 1 - left]
+                dropped = torch.gather(others, 1, compl[..., None].expand(-1, -1, C))
+                weights = torch.gather(cls_attn, 1, compl)
+                parts.append((dropped * weights[..., None]).sum(dim=1, keepdim=True))
+            x = torch.cat(parts, dim=1)
+        x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+    return model.forward_head(model.norm(x))
+
+
+class SeparateBatches:
+    """A mixed-grid batch run as one timm call per grid (models resampled for
+    each grid once, at construction)."""
+
+    def __init__(self, model: nn.Module, grids: Sequence[int]):
+        self.models = {g: at_grid(model, g) for g in grids}
+
+    def __call__(self, images: Tensor, grid: Sequence[int]) -> Tensor:
+        members = _groups(grid)
+        parts = []
+        for g, idx in members.items():
+            m = self.models[g]
+            parts.append(m(_resize(images[torch.tensor(idx, device=images.device)], m)))
+        return _in_input_order(parts, members)
+
+
+class PaddedMixedGrid(SeparateBatches):
+    """A mixed-grid batch padded to its longest sequence: every image embedded
+    at its grid, the sequences zero-padded to one length, every block run
+    with a key mask (padding attends but is never attended to)."""
+
+    def __init__(self, model: nn.Module, grids: Sequence[int]):
+        super().__init__(model, grids)
+        self.model = model
+
+    def __call__(self, images: Tensor, grid: Sequence[int]) -> Tensor:
+        members = _groups(grid)
+        seqs = []
+        for g, idx in members.items():
+            m = self.models[g]
+            x = m.norm_pre(m._pos_embed(m.patch_embed(_resize(images[torch.tensor(idx, device=images.device)], m))))
+            seqs.extend(x.unbind(0))
+        lengths = torch.tensor([s.shape[0] for s in seqs], device=images.device)
+        x = nn.utils.rnn.pad_sequence(seqs, batch_first=True)
+        mask = (torch.arange(x.shape[1], device=x.device) < lengths[:, None])[:, None, None, :]  # [B, 1, 1, L]
+        for blk in self.model.blocks:
+            x = blk(x, attn_mask=mask)
+        logits = self.model.forward_head(self.model.norm(x))
+        return _in_input_order([logits], {0: [i for idx in members.values() for i in idx]})

@@ -1,0 +1,615 @@
+"""adaptok for timm Vision Transformers: :func:`patch` converts a model in
+place so that it runs on packed ragged batches.
+
+After ``adaptok.patch(model)`` the model
+
+- computes what it computed before (``keep_rate=None``, the parity mode);
+- with ``keep_rate``, prunes tokens EViT's way in its ``prune_layers``: the
+  class attention of the block's attention ranks the tokens, the block keeps
+  the top ``ceil(keep_rate * (N - n))`` patch tokens after its attention and
+  fuses the rest into one token before its MLP, without an N x N matrix;
+- accepts ``model(images, grid=...)``, a token grid per image: each image is
+  resized so that the model's patch embedding yields its grid, gets position
+  embeddings interpolated for that grid (once per grid, cached), and every
+  sequence runs packed in one :class:`adaptok.RaggedBatch` through every block.
+
+The model keeps its class (a subclass replaces it), its modules and its
+state-dict keys, so timm checkpoints load before or after patching. Every
+submodule still runs its own timm code; adaptok owns only the data flow
+between them. Configurations it cannot run exactly are refused with
+:class:`UnsupportedModelError`.
+
+Example::
+
+    >>> model = timm.create_model("deit_small_patch16_224")
+    >>> adaptok.patch(model, keep_rate=0.7)                          # EViT, blocks 3, 6, 9
+    >>> logits = model(images)                                       # [B, 1000]
+    >>> logits = model(images, grid=torch.tensor([7, 14, 14, 7]))    # one grid per image
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from timm.layers import (Attention, DropPath, GluMlp, LayerNorm, LayerNormFp32, LayerScale, Mlp, PatchEmbed,
+                         RmsNorm, RmsNormFp32, SimpleNorm, SimpleNormFp32, SwiGLU, resample_abs_pos_embed)
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.vision_transformer import Block, VisionTransformer
+
+from .ops import common
+from .ops.pack_patches import pack_patches, sequence_lengths
+from .ops.topk_select import output_lengths
+from .ops.varlen_attention import varlen_attention
+from .ragged import RaggedBatch
+
+KeepRate = Union[float, Sequence[float], None]
+
+
+class UnsupportedModelError(ValueError):
+    """A model, or a use of it, that adaptok cannot run exactly."""
+
+
+# A batch whose sequences fall into at most this many runs of equal length
+# (a uniform batch is one run; packed grids are one run per grid) runs
+# attention as one dense SDPA call per run; more runs take the varlen kernel.
+# Measured on the CPU: SDPA on two [16, 6, N, 64] runs (N = 197, 50) took
+# 16 ms against 25 ms for the varlen kernel over the same packed tokens.
+MAX_DENSE_RUNS = 4
+
+# Modules applied to [T, C] packed tokens must act on each token alone.
+_TOKEN_NORMS = (nn.Identity, nn.LayerNorm, LayerNorm, LayerNormFp32, RmsNorm, RmsNormFp32, SimpleNorm,
+                SimpleNormFp32)
+_TOKEN_MLPS = (Mlp, GluMlp, SwiGLU)
+
+
+# -------------------------------------------------------------------- helpers
+
+
+def _runs(lengths: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Maximal runs of equal length as ``(first token, sequences, length)``."""
+    runs, token = [], 0
+    for n in lengths:
+        if runs and runs[-1][2] == n:
+            runs[-1][1] += 1
+        else:
+            runs.append([token, 1, n])
+        token += n
+    return [tuple(r) for r in runs]
+
+
+def _per_sequence(module: nn.Module, y: Tensor, x: RaggedBatch) -> Tensor:
+    """Apply a per-sample module (timm's ``DropPath``) to ``y [T, C]`` with
+    one sample per sequence of ``x``."""
+    if isinstance(module, nn.Identity) or not module.training:  # DropPath is the identity in eval mode
+        return y
+    if x.is_uniform:
+        return module(y.view(x.batch_size, x.max_seqlen, -1)).view_as(y)
+    # The module draws one factor per sample of a [B, 1] ones tensor.
+    scale = module(y.new_ones(x.batch_size, 1))
+    return y * scale[common.seq_ids(x.cu_seqlens, x.total_tokens)]
+
+
+def _positions(x: RaggedBatch) -> Tensor:
+    """int64 ``[T]``: each token's position in its sequence."""
+    return common.positions(x.cu_seqlens, common.seq_ids(x.cu_seqlens, x.total_tokens))
+
+
+def _keep_counts(lengths: Sequence[int], keep_rate: float, num_prefix: int = 1) -> list[int]:
+    """Tokens each sequence keeps after the CLS token: its other prefix tokens
+    plus ``ceil(keep_rate * (N - num_prefix))`` patch tokens (EViT's
+    ``ceil(keep_rate * (N - 1))`` for a model with only a CLS token)."""
+    return [num_prefix - 1 + math.ceil(keep_rate * (n - num_prefix)) for n in lengths]
+
+
+def keep_rate_schedule(step: float, target: float, start: float, end: float) -> float:
+    """EViT's keep-rate warm-up: 1 until ``start``, then a cosine from 1 down
+    to ``target`` at ``end``, then ``target``. Steps may be epochs or
+    iterations (EViT: start at epoch 10, reach the target at epoch 100)::
+
+        model.keep_rate = adaptok.keep_rate_schedule(epoch, 0.7, start=10, end=100)
+    """
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"target must be in (0, 1], got {target}")
+    if not end > start:
+        raise ValueError(f"end must be after start, got start={start}, end={end}")
+    t = min(max((step - start) / (end - start), 0.0), 1.0)
+    return target + (1.0 - target) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def macs(model: nn.Module, grid: Optional[int] = None) -> int:
+    """Multiply-accumulates of one image through a timm ViT, patched or not,
+    at a ``grid`` x ``grid`` token grid (default: the model's), with the
+    token counts its keep rate leaves: the patch embedding, every block's
+    linear layers and attention (``2 N^2`` per attention channel), and the
+    linear layers outside the blocks once (the head). The papers' "FLOPs"
+    of a ViT are these MACs (DeiT-S: 4.6 G)."""
+    gh, gw = (grid, grid) if grid is not None else model.patch_embed.grid_size
+    n = model.num_prefix_tokens
+    N = n + gh * gw
+    total = gh * gw * model.patch_embed.proj.weight.numel()
+
+    def linear(module):
+        return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
+
+    for blk in model.blocks:
+        total += N * linear(blk.attn) + 2 * N * N * blk.attn.attn_dim
+        rate = getattr(blk, "keep_rate", None)
+        if rate is not None:
+            N = output_lengths([N], _keep_counts([N], rate, n), blk.fuse)[0]
+        total += N * linear(blk.mlp)
+    inside = linear(model.blocks) + linear(model.patch_embed)
+    return total + linear(model) - inside
+
+
+# ------------------------------------------------------------------ attention
+
+
+def _dense_runs(q: Tensor, k: Tensor, v: Tensor, x: RaggedBatch, scale: float, dropout: float,
+                need_cls: bool):
+    """SDPA over each run of equal-length sequences, on views of the packed
+    ``q, k, v [T, H, D]``; the CLS rows for ``need_cls`` cost ``O(N D)`` per
+    head. Returns ``out [T, H * D]`` and ``cls_attn [T]`` (or None)."""
+    H, D = q.shape[1:]
+    outs, cls = [], []
+    for start, count, n in _runs(x.lengths):
+        qr, kr, vr = (t[start:start + count * n].view(count, n, H, D).transpose(1, 2) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(qr, kr, vr, dropout_p=dropout, scale=scale)
+        outs.append(o.transpose(1, 2).reshape(count * n, H * D))
+        if need_cls:
+            stat = torch.promote_types(q.dtype, torch.float32)
+            scores = (qr[:, :, :1].to(stat) @ kr.to(stat).transpose(-1, -2)) * scale  # [count, H, 1, n]
+            cls.append(scores.softmax(-1).mean(1).reshape(count * n))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return out, ((cls[0] if len(cls) == 1 else torch.cat(cls)) if need_cls else None)
+
+
+class AdaptiveAttention(Attention):
+    """timm ``Attention`` that also runs on packed ragged batches
+    (:meth:`forward_packed`) and returns the class attention EViT ranks
+    tokens with. On ``[B, N, C]`` tensors it is timm's module unchanged."""
+
+    def forward_packed(self, h: Tensor, x: RaggedBatch, need_cls: bool = False):
+        """Attention within each sequence of ``x``.
+
+        Args:
+            h: ``[T, C]`` normalized tokens, laid out as ``x``.
+            x: the batch's layout (``cu_seqlens``, host lengths).
+            need_cls: also return ``cls_attn [T]``: for each token, the
+                head-mean probability with which its sequence's first token
+                attends to it.
+
+        Returns:
+            ``(out [T, C], cls_attn [T] or None)``.
+        """
+        T = h.shape[0]
+        gate = self.gate(h).sigmoid() if self.gate is not None else None
+        q, k, v = self.qkv(h).view(T, 3, self.num_heads, self.head_dim).unbind(1)
+        q, k = self.q_norm(q), self.k_norm(k)
+        dropout = self.attn_drop.p if self.training else 0.0
+        if len(_runs(x.lengths)) <= MAX_DENSE_RUNS:
+            out, cls_attn = _dense_runs(q, k, v, x, self.scale, dropout, need_cls)
+        else:
+            if dropout > 0:
+                raise UnsupportedModelError("attention dropout (attn_drop_rate > 0) is not supported in training on "
+                                            "batches with many sequence lengths: the varlen kernel has no dropout")
+            result = varlen_attention(q, k, v, x.cu_seqlens, x.max_seqlen, scale=self.scale,
+                                      return_cls_attn=need_cls)
+            out, cls_attn = result if need_cls else (result, None)
+            out = out.reshape(T, self.attn_dim)
+        out = self.norm(out)
+        if gate is not None:
+            out = out * gate
+        return self.proj_drop(self.proj(out)), cls_attn
+
+
+# ---------------------------------------------------------------------- block
+
+
+class AdaptiveBlock(Block):
+    """timm ``Block`` that runs on packed ragged batches and, with a
+    ``keep_rate``, selects tokens between its attention and its MLP (EViT).
+
+    Attributes set by :func:`patch`: ``keep_rate`` (None: no pruning),
+    ``fuse`` (append the fused inattentive token) and ``num_prefix_tokens``
+    (the CLS and other prefix tokens, never pruned).
+    """
+
+    keep_rate: Optional[float] = None
+    fuse: bool = True
+    num_prefix_tokens: int = 1
+
+    def forward(self, x, attn_mask: Optional[Tensor] = None, is_causal: bool = False):
+        """``x``: a :class:`RaggedBatch` of ``[T, C]`` tokens, or a ``[B, N, C]``
+        tensor (what timm passes; a pruning block returns ``[B, N', C]``)."""
+        if isinstance(x, RaggedBatch):
+            if x.is_uniform and self.keep_rate is None:
+                dense = x.values.view(x.batch_size, x.max_seqlen, -1)
+                return x.with_values(super().forward(dense).view_as(x.values))
+            return self._forward_packed(x)
+        if self.keep_rate is None:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        if attn_mask is not None or is_causal:
+            raise UnsupportedModelError("a pruning block (keep_rate set) cannot take attn_mask or is_causal")
+        B, N, C = x.shape
+        out = self._forward_packed(RaggedBatch._unchecked(x.reshape(B * N, C), (N,) * B))
+        return out.values.view(B, -1, C)
+
+    def _forward_packed(self, x: RaggedBatch) -> RaggedBatch:
+        h = x.values
+        prune = self.keep_rate is not None
+        a, cls_attn = self.attn.forward_packed(self.norm1(h), x, need_cls=prune)
+        h = h + _per_sequence(self.drop_path1, self.ls1(a), x)
+        if prune:
+            x = self._select(x.with_values(h), cls_attn)
+            h = x.values
+        h = h + _per_sequence(self.drop_path2, self.ls2(self.mlp(self.norm2(h))), x)
+        return x.with_values(h)
+
+    def _select(self, x: RaggedBatch, cls_attn: Tensor) -> RaggedBatch:
+        n = self.num_prefix_tokens
+        if n > 1:  # rank the other prefix tokens first: they are always kept, in order
+            pos = _positions(x)
+            cls_attn = cls_attn.masked_fill((pos >= 1) & (pos < n), float("inf"))
+        keep = _keep_counts(x.lengths, self.keep_rate, n)
+        out, _ = x.topk_select(cls_attn, keep=keep, fuse=self.fuse)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"keep_rate={self.keep_rate}, fuse={self.fuse}" if self.keep_rate is not None else ""
+
+
+# ---------------------------------------------------------------------- model
+
+
+def _host_grid(grid, batch: int) -> tuple:
+    """``grid`` (an int, ints, or an integer tensor) as one host int per image."""
+    if isinstance(grid, Tensor):
+        if grid.dtype.is_floating_point or grid.dtype == torch.bool or grid.dim() > 1:
+            raise TypeError(f"grid must be an int or a 1-D integer tensor, got {grid.dtype} of shape {tuple(grid.shape)}")
+        grid = grid.tolist()  # sizes depend on it: one sync for a device tensor
+    if isinstance(grid, int) and not isinstance(grid, bool):
+        grid = [grid] * batch
+    grid = tuple(grid)
+    if len(grid) != batch:
+        raise ValueError(f"grid must have one entry per image ({batch}), got {len(grid)}")
+    for i, g in enumerate(grid):
+        if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+            raise ValueError(f"grid must hold ints >= 1 (token grid sides), got {g!r} at index {i}")
+    return grid
+
+
+def _check_keep_rate(keep_rate: KeepRate, prune_layers: Sequence[int], model: nn.Module) -> Optional[tuple]:
+    """Validated ``(layer, rate)`` pairs for ``model``, or None for no
+    pruning (then ``prune_layers`` is only kept for a later keep rate)."""
+    if keep_rate is None:
+        return None
+    if not model.has_class_token:
+        raise UnsupportedModelError("EViT pruning (keep_rate) ranks tokens by class-token attention; "
+                                    "this model has no class token")
+    depth = len(model.blocks)
+    layers = tuple(prune_layers)
+    for i in layers:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < depth:
+            raise ValueError(f"prune_layers must hold block indices in [0, {depth - 1}], got {i!r}")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"prune_layers must not repeat a block, got {layers}")
+    rates = (keep_rate,) * len(layers) if isinstance(keep_rate, (int, float)) else tuple(keep_rate)
+    if len(rates) != len(layers):
+        raise ValueError(f"keep_rate must be a float or one rate per prune layer ({len(layers)}), got {len(rates)}")
+    for r in rates:
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 < r <= 1.0:
+            raise ValueError(f"keep_rate must be in (0, 1], got {r!r}")
+    return tuple(zip(layers, (float(r) for r in rates)))
+
+
+class AdaptiveViTMixin:
+    """What :func:`patch` adds to a timm ``VisionTransformer`` (see the
+    module docstring). The patched model's ``forward``, ``forward_features``
+    and ``forward_head`` take the same arguments as timm's, plus ``grid``."""
+
+    # ------------------------------------------------------------ pruning
+
+    @property
+    def keep_rate(self) -> KeepRate:
+        """The keep rate of the prune layers (a float, a per-layer tuple, or
+        None). Settable, e.g. from :func:`keep_rate_schedule` while training."""
+        return self._adaptok_keep_rate
+
+    @keep_rate.setter
+    def keep_rate(self, keep_rate: KeepRate) -> None:
+        self._configure(keep_rate, self._adaptok_prune_layers, self._adaptok_fuse)
+
+    @property
+    def prune_layers(self) -> tuple:
+        return self._adaptok_prune_layers
+
+    def _configure(self, keep_rate: KeepRate, prune_layers: Sequence[int], fuse: bool) -> None:
+        pairs = _check_keep_rate(keep_rate, prune_layers, self)
+        rates = dict(pairs or ())
+        for i, blk in enumerate(self.blocks):
+            blk.keep_rate = rates.get(i)
+            blk.fuse = fuse
+            blk.num_prefix_tokens = self.num_prefix_tokens
+        self._adaptok_keep_rate = keep_rate if not isinstance(keep_rate, (list, tuple)) else tuple(keep_rate)
+        self._adaptok_prune_layers = tuple(prune_layers)
+        self._adaptok_fuse = fuse
+
+    # ---------------------------------------------------------- embedding
+
+    def _prefix_and_pos(self, grid: tuple) -> tuple:
+        """``(prefix [n, C] or None, pos [gh * gw, C] or None)`` for a patch
+        grid ``(gh, gw)``: the prefix tokens with their position embedding,
+        and the patch position table, resampled from the model's own table
+        as timm does for other image sizes. Cached per grid while no
+        gradient is recorded (a parameter update invalidates the entry)."""
+        tokens = [t for t in (self.cls_token, getattr(self, "dist_token", None), self.reg_token) if t is not None]
+        params = [t for t in (*tokens, self.pos_embed) if t is not None]
+        cacheable = not torch.compiler.is_compiling() and not (
+            torch.is_grad_enabled() and any(p.requires_grad for p in params))
+        if cacheable:
+            key = (grid, tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params))
+            cache = self.__dict__.setdefault("_adaptok_tables", {})
+            if key in cache:
+                return cache[key]
+        prefix = torch.cat([t.reshape(-1, t.shape[-1]) for t in tokens]) if tokens else None
+        pos = None
+        if self.pos_embed is not None:
+            n_pos = 0 if self.no_embed_class else self.num_prefix_tokens
+            table = self.pos_embed
+            native = tuple(self.patch_embed.grid_size)
+            if grid != native:
+                table = resample_abs_pos_embed(table, new_size=list(grid), old_size=list(native), num_prefix_tokens=n_pos)
+            table = table[0]
+            if n_pos:
+                prefix = prefix + table[:n_pos]
+            pos = table[n_pos:]
+        if cacheable:
+            cache = {k: v for k, v in cache.items() if k[1] == key[1]}  # drop entries of old parameters
+            cache[key] = (prefix, pos)
+            self.__dict__["_adaptok_tables"] = cache
+        return prefix, pos
+
+    def _patchify(self, images: Tensor) -> Tensor:
+        """``[B, 3, H, W]`` at any multiple of the patch size -> ``[B, P, C]``
+        with the model's patch projection and norm (timm's check of the
+        image size is what this skips)."""
+        return self.patch_embed.norm(self.patch_embed.proj(images).flatten(2).transpose(1, 2))
+
+    def embed(self, x: Tensor, grid=None) -> tuple[RaggedBatch, Optional[list]]:
+        """Images to the packed token batch the blocks run on.
+
+        Args:
+            x: ``[B, 3, H, W]`` images.
+            grid: None (every image at the model's grid), or the token grid
+                side of each image (an int for all, or ``[B]`` ints).
+
+        Returns:
+            ``(batch, order)``: a :class:`RaggedBatch` of ``[T, C]`` tokens
+            and, with ``grid``, ``order[i]``, the image that sequence i holds
+            (images are grouped by grid, largest first); None without.
+        """
+        if grid is None:
+            patches = self.patch_embed(x)
+            if patches.dim() == 4:  # NHWC (dynamic image size)
+                grids = [tuple(patches.shape[1:3])]
+                patches = patches.flatten(1, 2)
+            else:
+                grids = [tuple(self.patch_embed.grid_size)]
+            groups, order, tags = [patches], None, None
+        else:
+            groups, order, grids, tags = self._embed_grids(x, grid)
+        tables = [self._prefix_and_pos(g) for g in grids]
+        prefix = tables[0][0]
+        pos = [p for _, p in tables] if tables[0][1] is not None else None
+        values = self.pos_drop(pack_patches(groups, pos, prefix))
+        batch = RaggedBatch._unchecked(values, sequence_lengths(groups, prefix), tags)
+        batch = self._patch_drop(batch)
+        return batch.with_values(self.norm_pre(batch.values)), order
+
+    def _embed_grids(self, x: Tensor, grid):
+        if x.dim() != 4:
+            raise ValueError(f"images must have shape [B, C, H, W], got {tuple(x.shape)}")
+        ph, pw = self.patch_embed.patch_size
+        gh, gw = self.patch_embed.grid_size
+        if gh != gw:
+            raise UnsupportedModelError(f"grid= needs a square patch grid, this model's is {gh}x{gw}")
+        sides = _host_grid(grid, x.shape[0])
+        members: dict[int, list[int]] = {}
+        for i, g in enumerate(sides):
+            members.setdefault(g, []).append(i)
+        groups, order, grids, tags = [], [], [], []
+        for g in sorted(members, reverse=True):
+            idx = members[g]
+            images = x if len(idx) == x.shape[0] else x[torch.tensor(idx, device=x.device)]
+            size = (g * ph, g * pw)
+            if tuple(images.shape[-2:]) != size:
+                images = F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
+            groups.append(self._patchify(images))
+            order += idx
+            grids.append((g, g))
+            tags += [g] * len(idx)
+        return groups, order, grids, torch.tensor(tags, dtype=torch.int32).to(x.device, non_blocking=True)
+
+    def _patch_drop(self, x: RaggedBatch) -> RaggedBatch:
+        if isinstance(self.patch_drop, nn.Identity) or not self.training:
+            return x
+        if not x.is_uniform:
+            raise UnsupportedModelError("patch dropout (patch_drop_rate > 0) in training needs one grid for all images")
+        out = self.patch_drop(x.values.view(x.batch_size, x.max_seqlen, -1))
+        return RaggedBatch._unchecked(out.reshape(-1, out.shape[-1]), (out.shape[1],) * x.batch_size, x.grid)
+
+    # ------------------------------------------------------------- forward
+
+    def _forward_tokens(self, x: Tensor, grid) -> tuple[RaggedBatch, Optional[list]]:
+        batch, order = self.embed(x, grid)
+        for blk in self.blocks:
+            if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
+                batch = torch.utils.checkpoint.checkpoint(blk, batch, use_reentrant=False)
+            else:
+                batch = blk(batch)
+        return batch.with_values(self.norm(batch.values)), order
+
+    def forward_features(self, x: Tensor, grid=None, attn_mask: Optional[Tensor] = None, is_causal: bool = False):
+        """Images ``[B, 3, H, W]`` to final tokens: ``[B, N, C]`` when every
+        sequence has the same length, else a :class:`RaggedBatch` (in input
+        order)."""
+        if attn_mask is not None or is_causal:
+            self._plain_only("attn_mask or is_causal", grid)
+            return super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
+        batch, order = self._forward_tokens(x, grid)
+        if order is not None and order != sorted(order):
+            batch = batch.index_select(_inverse(order))
+        return batch.values.view(batch.batch_size, batch.max_seqlen, -1) if batch.is_uniform else batch
+
+    def forward_head(self, x, pre_logits: bool = False):
+        """timm's head, also on a :class:`RaggedBatch` (class-token pooling
+        reads the prefix tokens; avg/max pooling runs per sequence)."""
+        if isinstance(x, RaggedBatch):
+            if x.is_uniform:
+                x = x.values.view(x.batch_size, x.max_seqlen, -1)
+            elif isinstance(self, VisionTransformerDistilled):  # its head reads tokens 0 and 1
+                x = x.values[x.cu_seqlens[:-1, None].long() + torch.arange(2, device=x.device)]  # [B, 2, C]
+        return super().forward_head(x, pre_logits=pre_logits)
+
+    def pool(self, x, pool_type: Optional[str] = None):
+        if not isinstance(x, RaggedBatch):
+            return super().pool(x, pool_type=pool_type)
+        pool_type = self.global_pool if pool_type is None else pool_type
+        if self.attn_pool is None and pool_type == "token":
+            return x.cls_tokens()
+        if self.attn_pool is not None or pool_type not in ("avg", "max", "avgmax"):
+            raise UnsupportedModelError(
+                f"pooling {'attention' if self.attn_pool is not None else repr(pool_type)} over sequences of "
+                "different lengths is not supported; use one grid per batch")
+        skip = 0 if self.pool_include_prefix else self.num_prefix_tokens
+        ids = common.seq_ids(x.cu_seqlens, x.total_tokens)
+        member = (_positions(x) >= skip)[:, None]
+        B, C = x.batch_size, x.values.shape[1]
+        counts = torch.tensor([n - skip for n in x.lengths], dtype=x.dtype).to(x.device, non_blocking=True)
+        avg = torch.zeros(B, C, dtype=x.dtype, device=x.device).index_add_(
+            0, ids, x.values.masked_fill(~member, 0)) / counts[:, None]
+        if pool_type == "avg":
+            return avg
+        top = torch.full((B, C), float("-inf"), dtype=x.dtype, device=x.device).scatter_reduce(
+            0, ids[:, None].expand(-1, C), x.values.masked_fill(~member, float("-inf")), "amax")
+        return top if pool_type == "max" else 0.5 * (top + avg)
+
+    def forward(self, x: Tensor, grid=None, attn_mask: Optional[Tensor] = None, is_causal: bool = False):
+        """``x [B, 3, H, W]`` -> logits ``[B, classes]`` in input order.
+
+        ``grid``: None (the model's grid), an int, or ``[B]`` ints: the token
+        grid side each image runs at (``g * patch_size`` pixels). A device
+        tensor costs one sync (the grids set every size)."""
+        if attn_mask is not None or is_causal:
+            self._plain_only("attn_mask or is_causal", grid)
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        batch, order = self._forward_tokens(x, grid)
+        out = self.forward_head(batch)
+        if order is None or order == sorted(order):
+            return out
+        inverse = _inverse(order, out[0].device if isinstance(out, tuple) else out.device)
+        return tuple(o[inverse] for o in out) if isinstance(out, tuple) else out[inverse]
+
+    def _plain_only(self, what: str, grid) -> None:
+        if grid is not None or self._adaptok_keep_rate is not None:
+            raise UnsupportedModelError(f"{what} cannot be combined with grid= or a keep_rate")
+
+
+def _inverse(order: Sequence[int], device=None) -> Tensor:
+    inverse = [0] * len(order)
+    for i, j in enumerate(order):
+        inverse[j] = i
+    return torch.tensor(inverse).to(device, non_blocking=True) if device is not None else torch.tensor(inverse)
+
+
+class AdaptiveVisionTransformer(AdaptiveViTMixin, VisionTransformer):
+    """A patched timm ``VisionTransformer`` (:func:`patch`)."""
+
+
+class AdaptiveVisionTransformerDistilled(AdaptiveViTMixin, VisionTransformerDistilled):
+    """A patched timm ``VisionTransformerDistilled`` (DeiT with a
+    distillation token; :func:`patch`)."""
+
+
+_PATCHED = {VisionTransformer: AdaptiveVisionTransformer, VisionTransformerDistilled: AdaptiveVisionTransformerDistilled}
+
+
+# ---------------------------------------------------------------------- patch
+
+
+def _check_model(model: nn.Module) -> None:
+    """Refuse what adaptok cannot run exactly, naming it."""
+    cls = type(model)
+    if cls not in _PATCHED and cls not in _PATCHED.values():
+        raise UnsupportedModelError(f"adaptok.patch supports timm VisionTransformer and VisionTransformerDistilled, "
+                                    f"got {cls.__module__}.{cls.__name__}")
+    if type(model.patch_embed) is not PatchEmbed:
+        raise UnsupportedModelError(f"patch embedding {type(model.patch_embed).__name__} is not supported (timm PatchEmbed only)")
+    if isinstance(model, VisionTransformerDistilled) and model.reg_token is not None:
+        raise UnsupportedModelError("register tokens with a distillation token are not supported")
+    for name in ("norm_pre", "norm", "fc_norm", "patch_embed.norm"):
+        norm = model.get_submodule(name)
+        if type(norm) not in _TOKEN_NORMS:
+            raise UnsupportedModelError(f"{name} is a {type(norm).__name__}; supported norms: "
+                                        f"{', '.join(t.__name__ for t in _TOKEN_NORMS)}")
+    for i, blk in enumerate(model.blocks):
+        where = f"blocks.{i}"
+        if type(blk) not in (Block, AdaptiveBlock):
+            raise UnsupportedModelError(f"{where} is a {type(blk).__name__}; only timm's Block is supported")
+        if type(blk.attn) not in (Attention, AdaptiveAttention):
+            raise UnsupportedModelError(f"{where}.attn is a {type(blk.attn).__name__}; only timm's Attention is supported")
+        convs = any(isinstance(m, nn.modules.conv._ConvNd) for m in blk.mlp.modules())
+        if type(blk.mlp) not in _TOKEN_MLPS or convs:
+            raise UnsupportedModelError(f"{where}.mlp is a {type(blk.mlp).__name__}"
+                                        f"{' with 1x1 convolutions' if convs else ''}; supported: "
+                                        f"{', '.join(t.__name__ for t in _TOKEN_MLPS)} with Linear layers")
+        for name in ("norm1", "norm2", "attn.q_norm", "attn.k_norm", "attn.norm", "mlp.norm"):
+            norm = blk.get_submodule(name) if name != "mlp.norm" or hasattr(blk.mlp, "norm") else nn.Identity()
+            if type(norm) not in _TOKEN_NORMS:
+                raise UnsupportedModelError(f"{where}.{name} is a {type(norm).__name__}; supported norms: "
+                                            f"{', '.join(t.__name__ for t in _TOKEN_NORMS)}")
+        for name in ("ls1", "ls2"):
+            if type(getattr(blk, name)) not in (nn.Identity, LayerScale):
+                raise UnsupportedModelError(f"{where}.{name} is a {type(getattr(blk, name)).__name__}; "
+                                            "supported: LayerScale or none")
+        for name in ("drop_path1", "drop_path2"):
+            if type(getattr(blk, name)) not in (nn.Identity, DropPath):
+                raise UnsupportedModelError(f"{where}.{name} is a {type(getattr(blk, name)).__name__}; "
+                                            "supported: DropPath or none")
+
+
+def patch(model: nn.Module, *, keep_rate: KeepRate = None, prune_layers: Sequence[int] = (3, 6, 9),
+          fuse_inattentive: bool = True) -> nn.Module:
+    """Convert a timm Vision Transformer in place to run on adaptok kernels.
+
+    Args:
+        model: a timm ``VisionTransformer`` or ``VisionTransformerDistilled``
+            (DeiT, ViT, DeiT-III, with class, register or distillation
+            tokens, LayerScale, qk-norm, any pooling). Other models raise
+            :class:`UnsupportedModelError` naming what is not supported.
+        keep_rate: None (compute exactly what the model computed), or EViT's
+            keep rate in (0, 1], one for all ``prune_layers`` or one each.
+            Settable later as ``model.keep_rate``.
+        prune_layers: 0-indexed blocks that select tokens after their
+            attention (EViT on DeiT-S: 3, 6, 9).
+        fuse_inattentive: fuse the dropped tokens into one token weighted by
+            their class attention (EViT); False drops them.
+
+    Returns:
+        ``model``, whose ``forward`` also takes ``grid=`` (see the module
+        docstring). Its state-dict keys are unchanged.
+    """
+    _check_model(model)
+    _check_keep_rate(keep_rate, prune_layers, model)
+    model.__class__ = _PATCHED.get(type(model), type(model))
+    for blk in model.blocks:
+        blk.__class__ = AdaptiveBlock
+        blk.attn.__class__ = AdaptiveAttention
+    model._adaptok_keep_rate = None
+    model._adaptok_prune_layers = tuple(prune_layers)
+    model._adaptok_fuse = bool(fuse_inattentive)
+    model._configure(keep_rate, prune_layers, bool(fuse_inattentive))
+    return model
