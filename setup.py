@@ -102,8 +102,9 @@ setup(
     install_requires=["torch>=2.5", "numpy"],
     extras_require={
         "triton": ["triton"],
-        "bench": ["tqdm", "matplotlib", "pytest-benchmark"],
-        "test": ["pytest", "pytest-benchmark"],
+        "vit": ["timm>=1.0"],  # adaptok.patch and adaptok-bench
+        "bench": ["timm>=1.0", "tqdm", "matplotlib", "pytest-benchmark"],
+        "test": ["timm>=1.0", "pytest", "pytest-benchmark"],
     },
     entry_points={"console_scripts": ["adaptok-bench=adaptok.bench:main"]},
 )

@@ -9,8 +9,9 @@ plain timm models and PyTorch only, no adaptok op.
 - :class:`SeparateBatches`: the same batch split by grid, one timm model call
   per grid.
 
-Each takes an unpatched timm ``VisionTransformer`` with a class token and
-``global_pool="token"`` (DeiT, ViT).
+Each takes an unpatched timm ``VisionTransformer`` with a class token as its
+only prefix token and ``global_pool="token"`` (DeiT, ViT), and refuses others.
+Host indices reach the device without a sync, as adaptok's do.
 """
 from __future__ import annotations
 
@@ -21,6 +22,17 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .vit import _inverse, _take
+
+
+def _check_scope(model: nn.Module) -> None:
+    gated = any(getattr(blk.attn, "gate", None) is not None for blk in model.blocks)
+    if model.num_prefix_tokens != 1 or not model.has_class_token or model.global_pool != "token" or gated:
+        raise ValueError("the baselines run ViTs with a class token as their only prefix token, class-token "
+                         f"pooling and no attention gate; got {type(model).__name__} with "
+                         f"{model.num_prefix_tokens} prefix tokens, global_pool={model.global_pool!r}"
+                         f"{', gated attention' if gated else ''}")
 
 
 def _resize(images: Tensor, model: nn.Module) -> Tensor:
@@ -48,11 +60,9 @@ def _groups(grid: Sequence[int]) -> dict[int, list[int]]:
     return members
 
 
-def _in_input_order(parts: list[Tensor], members: dict[int, list[int]]) -> Tensor:
-    order = [i for idx in members.values() for i in idx]
-    inverse = torch.empty(len(order), dtype=torch.long)
-    inverse[torch.tensor(order)] = torch.arange(len(order))
-    return torch.cat(parts)[inverse.to(parts[0].device)]
+def _in_input_order(out: Tensor, members: dict[int, list[int]]) -> Tensor:
+    """Rows of ``out``, grouped as ``members``, back in input order."""
+    return _take(out, _inverse([i for idx in members.values() for i in idx]))
 
 
 def _attention_with_probs(attn: nn.Module, x: Tensor):
@@ -70,6 +80,7 @@ def evit_public(model: nn.Module, images: Tensor, keep_rate: float = 0.7, prune_
                 fuse: bool = True) -> Tensor:
     """EViT's forward computed the way its public code does, on an unpatched
     timm model: logits ``[B, classes]``."""
+    _check_scope(model)
     x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
     for i, blk in enumerate(model.blocks):
         a, p = _attention_with_probs(blk.attn, blk.norm1(x))
@@ -100,15 +111,13 @@ class SeparateBatches:
     each grid once, at construction)."""
 
     def __init__(self, model: nn.Module, grids: Sequence[int]):
+        _check_scope(model)
         self.models = {g: at_grid(model, g) for g in grids}
 
     def __call__(self, images: Tensor, grid: Sequence[int]) -> Tensor:
         members = _groups(grid)
-        parts = []
-        for g, idx in members.items():
-            m = self.models[g]
-            parts.append(m(_resize(images[torch.tensor(idx, device=images.device)], m)))
-        return _in_input_order(parts, members)
+        parts = [self.models[g](_resize(_take(images, idx), self.models[g])) for g, idx in members.items()]
+        return _in_input_order(torch.cat(parts), members)
 
 
 class PaddedMixedGrid(SeparateBatches):
@@ -122,15 +131,15 @@ class PaddedMixedGrid(SeparateBatches):
 
     def __call__(self, images: Tensor, grid: Sequence[int]) -> Tensor:
         members = _groups(grid)
-        seqs = []
+        groups = []
         for g, idx in members.items():
             m = self.models[g]
-            x = m.norm_pre(m._pos_embed(m.patch_embed(_resize(images[torch.tensor(idx, device=images.device)], m))))
-            seqs.extend(x.unbind(0))
-        lengths = torch.tensor([s.shape[0] for s in seqs], device=images.device)
-        x = nn.utils.rnn.pad_sequence(seqs, batch_first=True)
-        mask = (torch.arange(x.shape[1], device=x.device) < lengths[:, None])[:, None, None, :]  # [B, 1, 1, L]
+            groups.append(m.norm_pre(m._pos_embed(m.patch_embed(_resize(_take(images, idx), m)))))
+        longest = max(x.shape[1] for x in groups)
+        lengths = [x.shape[1] for x in groups for _ in range(x.shape[0])]
+        x = torch.cat([F.pad(x, (0, 0, 0, longest - x.shape[1])) for x in groups])
+        lengths = torch.tensor(lengths).to(x.device, non_blocking=True)
+        mask = (torch.arange(longest, device=x.device) < lengths[:, None])[:, None, None, :]  # [B, 1, 1, L]
         for blk in self.model.blocks:
             x = blk(x, attn_mask=mask)
-        logits = self.model.forward_head(self.model.norm(x))
-        return _in_input_order([logits], {0: [i for idx in members.values() for i in idx]})
+        return _in_input_order(self.model.forward_head(self.model.norm(x)), members)

@@ -45,8 +45,8 @@ from adaptok.vit import macs
 @dataclass
 class Variant:
     """One way to run the model: ``batch()`` processes the benchmark batch,
-    ``single()`` one image (two for the mixed variants: a 7x7 and a 14x14
-    one), ``macs`` per image."""
+    ``single()`` one image (the mixed variants: a batch of two, one 7x7 and
+    one 14x14 image), ``macs`` per image."""
 
     name: str
     family: str
@@ -105,12 +105,12 @@ def build(args, device: torch.device, dtype: torch.dtype) -> list[Variant]:
         Variant(f"EViT {kr} adaptok", "adaptok", lambda: evit(x), lambda: evit(one), args.batch, 1, evit_macs),
         Variant(f"EViT {kr} public code", "baseline", lambda: evit_public(x), lambda: evit_public(one), args.batch, 1,
                 evit_macs),
-        Variant("mix packed adaptok", "adaptok", lambda: parity(xm, grid=grid_t),
-                lambda: [parity(two[i:i + 1], grid=[g]) for i, g in enumerate(pair)], args.mix_batch, 2, mix_macs),
+        Variant("mix packed adaptok", "adaptok", lambda: parity(xm, grid=grid_t), lambda: parity(two, grid=pair),
+                args.mix_batch, 2, mix_macs),
         Variant("mix padded", "baseline", lambda: padded(xm, grid), lambda: padded(two, pair), args.mix_batch, 2,
                 padded_macs),
-        Variant("mix 2 batches", "baseline", lambda: separate(xm, grid),
-                lambda: [separate(two[i:i + 1], [g]) for i, g in enumerate(pair)], args.mix_batch, 2, mix_macs),
+        Variant("mix 2 batches", "baseline", lambda: separate(xm, grid), lambda: separate(two, pair),
+                args.mix_batch, 2, mix_macs),
     ]
 
 

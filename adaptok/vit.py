@@ -28,7 +28,9 @@ Example::
 """
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from typing import Optional, Sequence, Union
 
 import torch
@@ -152,18 +154,24 @@ def _dense_runs(q: Tensor, k: Tensor, v: Tensor, x: RaggedBatch, scale: float, d
     """SDPA over each run of equal-length sequences, on views of the packed
     ``q, k, v [T, H, D]``; the CLS rows for ``need_cls`` cost ``O(N D)`` per
     head. Returns ``out [T, H * D]`` and ``cls_attn [T]`` (or None)."""
-    H, D = q.shape[1:]
-    outs, cls = [], []
-    for start, count, n in _runs(x.lengths):
+    T, H, D = q.shape
+    runs = _runs(x.lengths)
+    out = None if len(runs) == 1 else q.new_empty((T, H, D))
+    cls = []
+    for start, count, n in runs:
         qr, kr, vr = (t[start:start + count * n].view(count, n, H, D).transpose(1, 2) for t in (q, k, v))
-        o = F.scaled_dot_product_attention(qr, kr, vr, dropout_p=dropout, scale=scale)
-        outs.append(o.transpose(1, 2).reshape(count * n, H * D))
+        o = F.scaled_dot_product_attention(qr, kr, vr, dropout_p=dropout, scale=scale).transpose(1, 2)
+        if out is None:
+            out = o.reshape(T, H, D)
+        else:  # one copy, as the single-run reshape makes
+            out[start:start + count * n].view(count, n, H, D).copy_(o)
         if need_cls:
             stat = torch.promote_types(q.dtype, torch.float32)
-            scores = (qr[:, :, :1].to(stat) @ kr.to(stat).transpose(-1, -2)) * scale  # [count, H, 1, n]
+            with torch.autocast(q.device.type, enabled=False):
+                scores = (qr[:, :, :1].to(stat) @ kr.to(stat).transpose(-1, -2)) * scale  # [count, H, 1, n]
             cls.append(scores.softmax(-1).mean(1).reshape(count * n))
-    out = outs[0] if len(outs) == 1 else torch.cat(outs)
-    return out, ((cls[0] if len(cls) == 1 else torch.cat(cls)) if need_cls else None)
+    cls_attn = (cls[0] if len(cls) == 1 else torch.cat(cls)) if need_cls else None
+    return out.reshape(T, H * D), cls_attn
 
 
 class AdaptiveAttention(Attention):
@@ -266,19 +274,29 @@ class AdaptiveBlock(Block):
 
 def _host_grid(grid, batch: int) -> tuple:
     """``grid`` (an int, ints, or an integer tensor) as one host int per image."""
+    if isinstance(grid, bool):
+        raise TypeError("grid must be an int, ints or an integer tensor, got a bool")
     if isinstance(grid, Tensor):
         if grid.dtype.is_floating_point or grid.dtype == torch.bool or grid.dim() > 1:
             raise TypeError(f"grid must be an int or a 1-D integer tensor, got {grid.dtype} of shape {tuple(grid.shape)}")
         grid = grid.tolist()  # sizes depend on it: one sync for a device tensor
-    if isinstance(grid, int) and not isinstance(grid, bool):
-        grid = [grid] * batch
+    try:
+        grid = [operator.index(grid)] * batch  # one int (or numpy int) for every image
+    except TypeError:
+        pass
     grid = tuple(grid)
     if len(grid) != batch:
         raise ValueError(f"grid must have one entry per image ({batch}), got {len(grid)}")
+    sides = []
     for i, g in enumerate(grid):
-        if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+        try:
+            side = operator.index(g)  # ints, numpy ints, 0-d integer tensors
+        except TypeError:
+            side = None
+        if side is None or isinstance(g, bool) or side < 1:
             raise ValueError(f"grid must hold ints >= 1 (token grid sides), got {g!r} at index {i}")
-    return grid
+        sides.append(side)
+    return tuple(sides)
 
 
 def _check_keep_rate(keep_rate: KeepRate, prune_layers: Sequence[int], model: nn.Module) -> Optional[tuple]:
@@ -343,11 +361,17 @@ class AdaptiveViTMixin:
         """``(prefix [n, C] or None, pos [gh * gw, C] or None)`` for a patch
         grid ``(gh, gw)``: the prefix tokens with their position embedding,
         and the patch position table, resampled from the model's own table
-        as timm does for other image sizes. Cached per grid while no
-        gradient is recorded (a parameter update invalidates the entry)."""
+        as timm does for other image sizes.
+
+        Resampled tables are cached per grid while no gradient is recorded.
+        The key holds the parameters' version counters, so in-place updates
+        (optimizer steps, ``load_state_dict``, EMA) invalidate it; writes
+        through ``.data`` do not: call :meth:`clear_position_cache` after
+        those."""
+        native = tuple(self.patch_embed.grid_size)
         tokens = [t for t in (self.cls_token, getattr(self, "dist_token", None), self.reg_token) if t is not None]
         params = [t for t in (*tokens, self.pos_embed) if t is not None]
-        cacheable = not torch.compiler.is_compiling() and not (
+        cacheable = grid != native and self.pos_embed is not None and not torch.compiler.is_compiling() and not (
             torch.is_grad_enabled() and any(p.requires_grad for p in params))
         if cacheable:
             key = (grid, tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params))
@@ -359,7 +383,6 @@ class AdaptiveViTMixin:
         if self.pos_embed is not None:
             n_pos = 0 if self.no_embed_class else self.num_prefix_tokens
             table = self.pos_embed
-            native = tuple(self.patch_embed.grid_size)
             if grid != native:
                 table = resample_abs_pos_embed(table, new_size=list(grid), old_size=list(native), num_prefix_tokens=n_pos)
             table = table[0]
@@ -371,6 +394,10 @@ class AdaptiveViTMixin:
             cache[key] = (prefix, pos)
             self.__dict__["_adaptok_tables"] = cache
         return prefix, pos
+
+    def clear_position_cache(self) -> None:
+        """Forget the position tables resampled for other grids."""
+        self.__dict__.pop("_adaptok_tables", None)
 
     def _patchify(self, images: Tensor) -> Tensor:
         """``[B, 3, H, W]`` at any multiple of the patch size -> ``[B, P, C]``
@@ -404,7 +431,16 @@ class AdaptiveViTMixin:
         tables = [self._prefix_and_pos(g) for g in grids]
         prefix = tables[0][0]
         pos = [p for _, p in tables] if tables[0][1] is not None else None
-        values = self.pos_drop(pack_patches(groups, pos, prefix))
+        # Under autocast the convolution returns bf16/fp16 while the tables
+        # stay fp32; timm's sum promotes, so the stream is fp32. Match it.
+        dtype = functools.reduce(torch.promote_types, [t.dtype for t in (*groups, *(pos or ()), prefix)
+                                                       if t is not None])
+        groups = [p.to(dtype) for p in groups]
+        pos = None if pos is None else [p.to(dtype) for p in pos]
+        prefix = None if prefix is None else prefix.to(dtype)
+        values = pack_patches(groups, pos, prefix)
+        if self.pos_embed is not None:  # timm applies pos_drop only with a position table
+            values = self.pos_drop(values)
         batch = RaggedBatch._unchecked(values, sequence_lengths(groups, prefix), tags)
         batch = self._patch_drop(batch)
         return batch.with_values(self.norm_pre(batch.values)), order
@@ -423,7 +459,7 @@ class AdaptiveViTMixin:
         groups, order, grids, tags = [], [], [], []
         for g in sorted(members, reverse=True):
             idx = members[g]
-            images = x if len(idx) == x.shape[0] else x[torch.tensor(idx, device=x.device)]
+            images = _take(x, idx)
             size = (g * ph, g * pw)
             if tuple(images.shape[-2:]) != size:
                 images = F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
@@ -452,7 +488,8 @@ class AdaptiveViTMixin:
                 batch = blk(batch)
         return batch.with_values(self.norm(batch.values)), order
 
-    def forward_features(self, x: Tensor, grid=None, attn_mask: Optional[Tensor] = None, is_causal: bool = False):
+    def forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False, *,
+                         grid=None):
         """Images ``[B, 3, H, W]`` to final tokens: ``[B, N, C]`` when every
         sequence has the same length, else a :class:`RaggedBatch` (in input
         order)."""
@@ -465,39 +502,21 @@ class AdaptiveViTMixin:
         return batch.values.view(batch.batch_size, batch.max_seqlen, -1) if batch.is_uniform else batch
 
     def forward_head(self, x, pre_logits: bool = False):
-        """timm's head, also on a :class:`RaggedBatch` (class-token pooling
-        reads the prefix tokens; avg/max pooling runs per sequence)."""
-        if isinstance(x, RaggedBatch):
-            if x.is_uniform:
-                x = x.values.view(x.batch_size, x.max_seqlen, -1)
-            elif isinstance(self, VisionTransformerDistilled):  # its head reads tokens 0 and 1
-                x = x.values[x.cu_seqlens[:-1, None].long() + torch.arange(2, device=x.device)]  # [B, 2, C]
-        return super().forward_head(x, pre_logits=pre_logits)
-
-    def pool(self, x, pool_type: Optional[str] = None):
+        """timm's head, also on a :class:`RaggedBatch`: run on each run of
+        equal-length sequences (one per grid) as a ``[b, n, C]`` view, so
+        every timm pooling and head applies as it is."""
         if not isinstance(x, RaggedBatch):
-            return super().pool(x, pool_type=pool_type)
-        pool_type = self.global_pool if pool_type is None else pool_type
-        if self.attn_pool is None and pool_type == "token":
-            return x.cls_tokens()
-        if self.attn_pool is not None or pool_type not in ("avg", "max", "avgmax"):
-            raise UnsupportedModelError(
-                f"pooling {'attention' if self.attn_pool is not None else repr(pool_type)} over sequences of "
-                "different lengths is not supported; use one grid per batch")
-        skip = 0 if self.pool_include_prefix else self.num_prefix_tokens
-        ids = common.seq_ids(x.cu_seqlens, x.total_tokens)
-        member = (_positions(x) >= skip)[:, None]
-        B, C = x.batch_size, x.values.shape[1]
-        counts = torch.tensor([n - skip for n in x.lengths], dtype=x.dtype).to(x.device, non_blocking=True)
-        avg = torch.zeros(B, C, dtype=x.dtype, device=x.device).index_add_(
-            0, ids, x.values.masked_fill(~member, 0)) / counts[:, None]
-        if pool_type == "avg":
-            return avg
-        top = torch.full((B, C), float("-inf"), dtype=x.dtype, device=x.device).scatter_reduce(
-            0, ids[:, None].expand(-1, C), x.values.masked_fill(~member, float("-inf")), "amax")
-        return top if pool_type == "max" else 0.5 * (top + avg)
+            return super().forward_head(x, pre_logits=pre_logits)
+        C = x.values.shape[-1]
+        outs = [super(AdaptiveViTMixin, self).forward_head(x.values[s:s + b * n].view(b, n, C), pre_logits=pre_logits)
+                for s, b, n in _runs(x.lengths)]
+        if len(outs) == 1:
+            return outs[0]
+        if isinstance(outs[0], tuple):  # distilled training: (head, head_dist)
+            return tuple(torch.cat(parts) for parts in zip(*outs))
+        return torch.cat(outs)
 
-    def forward(self, x: Tensor, grid=None, attn_mask: Optional[Tensor] = None, is_causal: bool = False):
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False, *, grid=None):
         """``x [B, 3, H, W]`` -> logits ``[B, classes]`` in input order.
 
         ``grid``: None (the model's grid), an int, or ``[B]`` ints: the token
@@ -510,19 +529,34 @@ class AdaptiveViTMixin:
         out = self.forward_head(batch)
         if order is None or order == sorted(order):
             return out
-        inverse = _inverse(order, out[0].device if isinstance(out, tuple) else out.device)
-        return tuple(o[inverse] for o in out) if isinstance(out, tuple) else out[inverse]
+        inverse = _inverse(order)
+        return tuple(_take(o, inverse) for o in out) if isinstance(out, tuple) else _take(out, inverse)
+
+    def forward_intermediates(self, *args, **kwargs):
+        """timm's, in parity mode only: its feature maps assume every patch
+        token in place."""
+        self._plain_only("forward_intermediates", None)
+        return super().forward_intermediates(*args, **kwargs)
 
     def _plain_only(self, what: str, grid) -> None:
         if grid is not None or self._adaptok_keep_rate is not None:
             raise UnsupportedModelError(f"{what} cannot be combined with grid= or a keep_rate")
 
 
-def _inverse(order: Sequence[int], device=None) -> Tensor:
+def _take(x: Tensor, idx: Sequence[int]) -> Tensor:
+    """``x[idx]`` for host indices: a view when they are a range, else a
+    gather whose index is copied to the device without a sync."""
+    if list(idx) == list(range(idx[0], idx[0] + len(idx))):
+        return x[idx[0]:idx[0] + len(idx)]
+    return x[torch.tensor(idx).to(x.device, non_blocking=True)]
+
+
+def _inverse(order: Sequence[int]) -> list[int]:
+    """The permutation that undoes ``order``: ``order[inverse[i]] = i``."""
     inverse = [0] * len(order)
     for i, j in enumerate(order):
         inverse[j] = i
-    return torch.tensor(inverse).to(device, non_blocking=True) if device is not None else torch.tensor(inverse)
+    return inverse
 
 
 class AdaptiveVisionTransformer(AdaptiveViTMixin, VisionTransformer):

@@ -34,7 +34,7 @@ def bench_vit(bench, benchmark, variant, mode):
     images = v.images if mode == "batch" else v.single_images
     benchmark.group = f"vit {'mixed ' if variant.startswith('mix') else ''}{mode}"
     benchmark.extra_info.update(
-        op="vit", provider=variant, images=images, model=ARGS.model, dtype=str(DTYPE).replace("torch.", ""),
+        op="vit", provider=variant, family=v.family, images=images, model=ARGS.model, dtype=str(DTYPE).replace("torch.", ""),
         flops=2 * v.macs * images,
         # A floor on the bytes: the images, read once.
         bytes=images * 3 * 224 * 224 * torch.finfo(DTYPE).bits // 8,

@@ -24,11 +24,15 @@ def load(path):
     return data["benchmarks"]
 
 
+def is_adaptok(extra):
+    """Whether a result is adaptok's (its ``family``, else its provider name)."""
+    return extra.get("family", "adaptok" if extra["provider"].startswith("adaptok") else "other") == "adaptok"
+
+
 def table(rows, peak):
     """Markdown lines for one group's rows."""
     rows = sorted(rows, key=lambda r: r["stats"]["median"])
-    others = [r for r in rows if not r["extra_info"]["provider"].startswith("adaptok")
-              and not r["extra_info"].get("interpreted")]
+    others = [r for r in rows if not is_adaptok(r["extra_info"]) and not r["extra_info"].get("interpreted")]
     best_other = others[0] if others else None
     head = "| provider | median ms | IQR ms | TFLOP/s | GB/s |"
     rule = "|---|---:|---:|---:|---:|"

@@ -4,7 +4,7 @@
 # pytest-benchmark installed; builds the extension for sm_90 unless
 # ADAPTOK_CUDA_ARCHS says otherwise). Writes into OUT_DIR: info.txt, tests.txt,
 # bench.json (pytest-benchmark), report.md (bench/report.py: times against the
-# floors) and ragged.json (adaptok-bench). Extra arguments go to the benchmark
+# floors), adaptok-bench.json and adaptok-bench.png (adaptok-bench). Extra arguments go to the benchmark
 # run (e.g. -k "256img-H6-50_50").
 set -uo pipefail
 out=${1:?usage: bench/run_gpu.sh OUT_DIR}

@@ -30,6 +30,11 @@ SMALL = {
     "map": dict(global_pool="map"),
     "swiglu-prenorm": dict(mlp_layer=timm.layers.SwiGLU, pre_norm=True, mlp_ratio=2.0),
     "dynamic-size": dict(dynamic_img_size=True),
+    "no-pos-embed": dict(pos_embed="none", reg_tokens=1),
+    "registers-no-cls": dict(class_token=False, reg_tokens=3, global_pool="avg"),
+    "scale-norms-no-final": dict(scale_attn_norm=True, scale_mlp_norm=True, final_norm=False, qkv_bias=False),
+    "dynamic-pad": dict(dynamic_img_pad=True),
+    "gated-unfused": dict(),  # attention modules replaced in create()
 }
 
 
@@ -38,8 +43,13 @@ def create(name, **kwargs):
     if name == "vit_small_qknorm":
         return timm.create_model("vit_small_patch16_224", qk_norm=True, **kwargs)
     if name in SMALL:
-        return VisionTransformer(img_size=64, patch_size=16, embed_dim=64, depth=4, num_heads=2, num_classes=10,
-                                 **SMALL[name], **kwargs)
+        model = VisionTransformer(img_size=64, patch_size=16, embed_dim=64, depth=4, num_heads=2, num_classes=10,
+                                  **SMALL[name], **kwargs)
+        if name == "gated-unfused":  # a sigmoid-gated attention, computed without SDPA
+            for blk in model.blocks:
+                blk.attn = timm.layers.Attention(64, num_heads=2, qkv_bias=True, gated=True)
+                blk.attn.fused_attn = False
+        return model
     return timm.create_model(name, **kwargs)
 
 
@@ -138,6 +148,34 @@ def test_parity_logits_and_gradients(name, device):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
 
 
+def test_parity_under_autocast(device):
+    """timm's stream is fp32 under autocast (bf16 patches + fp32 positions
+    promote); the patched model must compute the same."""
+    model, patched = pair("deit_small_patch16_224", device)
+    x = images(model, 2, device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        expected, actual = model(x), patched(x)
+        patched.keep_rate = 0.7
+        pruned = patched(x, grid=[7, 14])
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
+    assert pruned.shape == (2, 1000) and pruned.isfinite().all()
+
+
+@pytest.mark.parametrize("name", ["deit_tiny_patch16_224", "no-pos-embed"])
+def test_parity_in_training_with_dropout(name):
+    """Same seed, same random draws: every dropout and DropPath of the
+    patched model consumes the generator as timm does."""
+    rates = dict(pos_drop_rate=0.1, proj_drop_rate=0.1, attn_drop_rate=0.1, drop_path_rate=0.2)
+    model = create(name, **rates).train()
+    patched = adaptok.patch(copy.deepcopy(model))
+    x = images(model, 2, "cpu")
+    torch.manual_seed(3)
+    expected = model(x)
+    torch.manual_seed(3)
+    actual = patched(x)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
+
+
 def test_state_dict_keys_unchanged_and_loadable():
     model, patched = pair("deit_tiny_patch16_224", "cpu")
     assert list(patched.state_dict()) == list(model.state_dict())
@@ -158,6 +196,9 @@ def test_forward_features_and_intermediates_match_timm():
     expected = model.forward_intermediates(x, indices=2)
     actual = patched.forward_intermediates(x, indices=2)
     torch.testing.assert_close(actual[0], expected[0], rtol=0, atol=1e-5)
+    patched.keep_rate = 0.7
+    with pytest.raises(adaptok.UnsupportedModelError, match="forward_intermediates"):
+        patched.forward_intermediates(x, indices=2)
 
 
 # --------------------------------------------------------------------- EViT
@@ -212,7 +253,7 @@ GRIDS = [7, 14, 10, 14, 7]
 
 @pytest.mark.parametrize("name", ["deit_small_patch16_224", "deit_small_distilled_patch16_224",
                                   "deit3_small_patch16_224", "registers-avg", "max-fc-norm", "avgmax-prefix",
-                                  "dynamic-size"])
+                                  "dynamic-size", "map", "registers-no-cls", "no-pos-embed"])
 @pytest.mark.parametrize("attention", ["dense-runs", "varlen"])
 def test_mixed_grid_matches_each_image_alone(name, attention, device, monkeypatch):
     model, patched = pair(name, device)
@@ -222,11 +263,14 @@ def test_mixed_grid_matches_each_image_alone(name, attention, device, monkeypatc
     x = images(model, len(grids), device)
     actual = patched(x, grid=torch.tensor(grids))
     expected = torch.cat([logits(m(img)) for m, img in (at_grid(model, x[i:i + 1], g) for i, g in enumerate(grids))])
-    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["deit_tiny_patch16_224", "deit_small_distilled_patch16_224"])
-def test_mixed_grid_evit_matches_reference(name, device):
+@pytest.mark.parametrize("attention", ["dense-runs", "varlen"])
+def test_mixed_grid_evit_matches_reference(name, attention, device, monkeypatch):
+    if attention == "varlen":
+        monkeypatch.setattr(vit, "MAX_DENSE_RUNS", 0)
     model, patched = pair(name, device, torch.float64)
     patched.keep_rate = 0.7
     x = images(model, len(GRIDS), device, torch.float64)
@@ -238,22 +282,20 @@ def test_mixed_grid_evit_matches_reference(name, device):
 
 def test_mixed_grid_gradients_match_each_image_alone():
     """Training step on a mixed batch: the gradient of the summed loss is the
-    sum of each image's gradient at its own grid (float64, EViT on)."""
-    model, patched = pair("deit_tiny_patch16_224", "cpu", torch.float64)
-    patched.keep_rate = 0.7
+    sum of each image's gradient at its own grid (float64, EViT on). The
+    reference is a dynamic-image-size twin, in which timm resamples the
+    position table inside its forward, so pos_embed's gradient compares too."""
+    model = create("deit_tiny_patch16_224").double()
+    patched = adaptok.patch(copy.deepcopy(model), keep_rate=0.7)
+    twin = create("deit_tiny_patch16_224", dynamic_img_size=True).double()
+    twin.load_state_dict(model.state_dict())
     x = images(model, 3, "cpu", torch.float64)
     grids = [7, 14, 10]
     patched(x, grid=grids).square().sum().backward()
     for i, g in enumerate(grids):
-        m, img = at_grid(model, x[i:i + 1], g)
-        evit_reference(m, img, dict.fromkeys((3, 6, 9), 0.7)).square().sum().backward()
-        if m is not model:
-            for p, q in zip(model.parameters(), m.parameters()):
-                if q.grad is not None and p.shape == q.shape:
-                    p.grad = q.grad if p.grad is None else p.grad + q.grad
-    for (key, p), q in zip(model.named_parameters(), patched.parameters()):
-        if key == "pos_embed":  # the resampled tables' gradients flow back through the interpolation
-            continue
+        _, img = at_grid(model, x[i:i + 1], g)
+        evit_reference(twin, img, dict.fromkeys((3, 6, 9), 0.7)).square().sum().backward()
+    for (key, p), q in zip(twin.named_parameters(), patched.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-8, atol=1e-10, msg=lambda m: f"{key}: {m}")
 
 
@@ -281,7 +323,14 @@ def test_position_tables_cached_per_grid_and_refreshed():
         second = patched(x, grid=[7, 10])
     assert not torch.allclose(first, second)
     expected = torch.cat([m(img) for m, img in (at_grid(model, x[i:i + 1], g) for i, g in enumerate([7, 10]))])
-    torch.testing.assert_close(second, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(second, expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        patched.pos_embed.data.mul_(2)  # .data writes bypass the version counter...
+        stale = patched(x, grid=[7, 10])
+        patched.clear_position_cache()  # ...so they need an explicit clear
+        fresh = patched(x, grid=[7, 10])
+    torch.testing.assert_close(stale, second)
+    assert not torch.allclose(fresh, second)
 
 
 # ----------------------------------------------------------------- training
@@ -334,6 +383,24 @@ def test_keep_rate_schedule():
         adaptok.keep_rate_schedule(1, 0.5, start=3, end=3)
 
 
+def test_gpu_forward_does_not_sync():
+    if not torch.cuda.is_available():
+        pytest.skip("a CUDA sync check")
+    model = create("deit_tiny_patch16_224").cuda().eval()
+    patched = adaptok.patch(model, keep_rate=0.7)
+    x = images(patched, 4, "cuda")
+    grid = [7, 14, 10, 7]
+    with torch.no_grad():
+        patched(x, grid=grid)  # first call: resamples and caches the position tables
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            patched(x, grid=grid)
+            patched(x)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
 # ------------------------------------------------------------------ compile
 
 
@@ -377,10 +444,6 @@ def test_unsupported_uses_are_refused():
         model.keep_rate = 0.5
     with pytest.raises(adaptok.UnsupportedModelError, match="no class token"):
         adaptok.patch(create("no-cls-avg"), keep_rate=0.5)
-    x = images(model, 2, "cpu")
-    mapped = adaptok.patch(create("map")).eval()
-    with pytest.raises(adaptok.UnsupportedModelError, match="attention"):
-        mapped(x, grid=[2, 4])
     evit = adaptok.patch(create("deit_tiny_patch16_224"), keep_rate=0.7)
     mask = torch.ones(197, 197, dtype=torch.bool)
     with pytest.raises(adaptok.UnsupportedModelError, match="attn_mask"):
@@ -407,6 +470,17 @@ def test_keep_rate_validation(kwargs, error, match):
     with pytest.raises(error, match=match):
         adaptok.patch(model, **kwargs)
     assert type(model) is VisionTransformer  # a refused patch leaves the model as it was
+
+
+def test_grid_accepts_integer_likes():
+    import numpy as np
+
+    model = adaptok.patch(create("deit_tiny_patch16_224")).eval()
+    x = images(model, 2, "cpu")
+    expected = model(x, grid=[7, 14])
+    torch.testing.assert_close(model(x, grid=np.array([7, 14])), expected)
+    torch.testing.assert_close(model(x, grid=torch.tensor([7, 14])), expected)
+    torch.testing.assert_close(model(x[:1], grid=np.int64(7)), expected[:1])
 
 
 @pytest.mark.parametrize("grid, error, match", [
