@@ -30,6 +30,7 @@ import argparse
 import copy
 import json
 import os
+import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -259,7 +260,8 @@ def main(argv: Optional[list] = None) -> None:
     parser.add_argument("--out", default="bench-out", help="folder for the JSON and the plot (default: bench-out)")
     parser.add_argument("--steady-allocator", action="store_true",
                         help="CPU: make glibc reuse freed memory instead of mapping fresh pages for large tensors")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (there is none when stderr is "
+                        "not a terminal)")
     args = parser.parse_args(argv)
     device = torch.device(args.device) if args.device else default_device()
     gpu = device.type == "cuda"
@@ -272,7 +274,8 @@ def main(argv: Optional[list] = None) -> None:
     args.allocator = ("the device's caching allocator" if gpu else
                       steady_allocator() if args.steady_allocator else "default")
     variants = build(args, device, dtype)
-    samples = measure(variants, device, args.repeats, args.warmup, progress=not args.no_progress)
+    progress = not args.no_progress and sys.stderr.isatty()  # no bar in logs
+    samples = measure(variants, device, args.repeats, args.warmup, progress=progress)
     rep = report(args, device, dtype, variants, samples)
     print(table(rep))
     os.makedirs(args.out, exist_ok=True)
