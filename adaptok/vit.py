@@ -642,8 +642,5 @@ def patch(model: nn.Module, *, keep_rate: KeepRate = None, prune_layers: Sequenc
     for blk in model.blocks:
         blk.__class__ = AdaptiveBlock
         blk.attn.__class__ = AdaptiveAttention
-    model._adaptok_keep_rate = None
-    model._adaptok_prune_layers = tuple(prune_layers)
-    model._adaptok_fuse = bool(fuse_inattentive)
     model._configure(keep_rate, prune_layers, bool(fuse_inattentive))
     return model
