@@ -97,6 +97,7 @@ setup(
     python_requires=">=3.10",
     packages=["adaptok", "adaptok.ops", "adaptok.kernels"],
     package_dir={"adaptok.kernels": "kernels"},
+    package_data={"adaptok": ["gpu_validated.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=["torch>=2.5", "numpy"],

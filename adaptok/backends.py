@@ -14,6 +14,14 @@ preference (fastest first, from measurements), that can serve the inputs.
 a forced backend that cannot serve the inputs raises :class:`BackendError`
 listing every backend and its reason.
 
+On CUDA tensors, automatic choice takes a kernel backend (``cuda``,
+``triton``) only once that op's GPU tests have passed with it on hardware:
+the validated ``(op, backend)`` pairs are listed, with the GPU and commit,
+in ``adaptok/gpu_validated.json`` (written by ``bench/gpu_validation.py``
+from a GPU test run). The others stay reachable by forcing them, and
+``python -m adaptok.info --device cuda`` marks them "not yet validated on
+a GPU".
+
 Example::
 
     with adaptok.backend("torch"):
@@ -25,6 +33,7 @@ import contextlib
 import contextvars
 import functools
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
@@ -109,6 +118,31 @@ def _device_reason(name: str, device: torch.device) -> Optional[str]:
     return f"runs on CUDA tensors, got {kind}"
 
 
+# Kernel backends that automatic choice on CUDA tensors takes only once validated.
+GPU_KERNEL_BACKENDS = ("cuda", "triton")
+VALIDATION_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_validated.json")
+
+
+@functools.lru_cache(maxsize=None)
+def gpu_validated() -> frozenset:
+    """``{(op, backend)}``: the pairs whose GPU tests passed on hardware, read
+    once from :data:`VALIDATION_FILE` (a missing file validates nothing)."""
+    try:
+        with open(VALIDATION_FILE) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return frozenset()
+    return frozenset((entry["op"], entry["backend"]) for entry in data.get("validated", ()))
+
+
+def unvalidated(op: str, backend: str, device_type: str) -> Optional[str]:
+    """Why automatic choice skips ``backend`` for ``op`` on ``device_type``
+    tensors although it can run them, or ``None``."""
+    if device_type == "cuda" and backend in GPU_KERNEL_BACKENDS and (op, backend) not in gpu_validated():
+        return "not yet validated on a GPU (runs only when forced)"
+    return None
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -184,7 +218,8 @@ class Op:
 
     def select(self, *args) -> Impl:
         """The implementation that runs ``args``: the forced backend, or the
-        first qualifying one in the device's order of preference."""
+        first qualifying one in the device's order of preference (on CUDA
+        tensors, kernel backends only once validated on a GPU)."""
         forced = _forced.get()
         if forced is not None:
             _check_name(forced)
@@ -193,7 +228,7 @@ class Op:
             raise BackendError(self._report(f"backend {forced!r} is forced but cannot serve these inputs", args))
         device = self.subject(*args).device.type
         for name in self.preference.get(device, ("torch",)):
-            if self.why_not(name, *args) is None:
+            if unvalidated(self.name, name, device) is None and self.why_not(name, *args) is None:
                 return self.impls[name]
         raise BackendError(self._report("no backend can serve these inputs", args))
 

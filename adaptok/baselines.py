@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .vit import _inverse, _take
+from .vit import _inverse, _take, resize_images
 
 
 def _check_scope(model: nn.Module) -> None:
@@ -36,10 +36,7 @@ def _check_scope(model: nn.Module) -> None:
 
 
 def _resize(images: Tensor, model: nn.Module) -> Tensor:
-    size = tuple(model.patch_embed.img_size)
-    if tuple(images.shape[-2:]) == size:
-        return images
-    return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return resize_images(images, tuple(model.patch_embed.img_size))
 
 
 def at_grid(model: nn.Module, grid: int) -> nn.Module:

@@ -12,15 +12,22 @@ Variants, each at the batch size and at batch size 1:
 - ``mix packed adaptok``: a batch mixing 7x7 and 14x14 images (``--mix`` of
   them 7x7) in one packed forward, ``model(images, grid=...)``;
 - ``mix padded``: the same batch padded to 197 tokens with a key mask;
-- ``mix 2 batches``: the same batch as one timm call per grid.
+- ``mix 2 batches``: the same batch as one timm call per grid;
+- ``grid 7 adaptok``: every image at the 7x7 grid, ``model(images, grid=7)``;
+- ``timm at grid 7``: the same work as timm runs it, on images resized to
+  112 pixels inside the call.
 
 Resizing, packing and reordering are inside the timed calls. On the CPU the
 memory allocator is left as it is (glibc maps fresh pages for tensors over
 32 MiB, which costs large batches page faults); ``--steady-allocator`` makes
 it reuse freed memory instead (:func:`adaptok.benchmarking.steady_allocator`).
 The GPU runs
-bfloat16 with 256 images (512 mixed); the CPU float32 with 32. Prints a
-table and the targets, and writes ``adaptok-bench.json`` (device, versions,
+bfloat16 with 256 images (512 mixed); the CPU 32 images, in bfloat16 when it
+computes bf16 natively (AVX-512 BF16 or AMX), else float32. A 4096^2 matmul
+in the same dtype, timed in the same run, is the machine's ceiling: each
+variant's share of it is ``2 * MACs * images/s`` over its FLOP/s. Prints a
+table and the targets (at batch size 1, every adaptok variant against the
+plain-PyTorch path doing the same work), and writes ``adaptok-bench.json`` (device, versions,
 commit, every sample's median and spread) and ``adaptok-bench.png``
 (images/second against GMACs per image) to ``--out``.
 """
@@ -87,6 +94,7 @@ def build(args, device: torch.device, dtype: torch.dtype) -> list[Variant]:
     grid_t = torch.tensor(grid)
     one, two = x[:1], xm[:2]
     pair = [small, native]
+    coarse = baselines.SeparateBatches(model, (small,))  # timm at the small grid's resolution, resize included
     conv = (native ** 2 - small ** 2) * parity.patch_embed.proj.weight.numel()
     mix_macs = args.mix * macs(parity, small) + (1 - args.mix) * macs(parity, native)
     # Padding runs a 7x7 image's blocks on 197 tokens; only its patch embedding is smaller.
@@ -99,7 +107,8 @@ def build(args, device: torch.device, dtype: torch.dtype) -> list[Variant]:
 
     if args.compile:
         model, parity, evit, evit_public, padded = (torch.compile(f) for f in (model, parity, evit, evit_public, padded))
-        separate.models = {k: torch.compile(m) for k, m in separate.models.items()}
+        for s in (separate, coarse):
+            s.models = {k: torch.compile(m) for k, m in s.models.items()}
     return [
         Variant("timm", "timm", lambda: model(x), lambda: model(one), args.batch, 1, full_macs),
         Variant("adaptok parity", "adaptok", lambda: parity(x), lambda: parity(one), args.batch, 1, full_macs),
@@ -112,6 +121,10 @@ def build(args, device: torch.device, dtype: torch.dtype) -> list[Variant]:
                 padded_macs),
         Variant("mix 2 batches", "baseline", lambda: separate(xm, grid), lambda: separate(two, pair),
                 args.mix_batch, 2, mix_macs),
+        Variant(f"grid {small} adaptok", "adaptok", lambda: parity(x, grid=small), lambda: parity(one, grid=small),
+                args.batch, 1, macs(parity, small)),
+        Variant(f"timm at grid {small}", "baseline", lambda: coarse(x, [small] * len(x)),
+                lambda: coarse(one, [small]), args.batch, 1, macs(parity, small)),
     ]
 
 
@@ -146,18 +159,41 @@ def measure(variants: list[Variant], device: torch.device, repeats: int, warmup:
     return samples
 
 
-def report(args, device, dtype, variants: list[Variant], samples: dict) -> dict:
+def matmul_rate(device: torch.device, dtype: torch.dtype, size: int = 4096, repeats: int = 5) -> float:
+    """FLOP/s of a ``size`` x ``size`` matmul in ``dtype`` (median of
+    ``repeats`` calls): the machine's ceiling each variant is set against."""
+    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+    with torch.inference_mode():
+        for _ in range(2):
+            a @ b
+        synchronize(device)
+        seconds = summarize([time_once(lambda: a @ b, device) for _ in range(repeats)])["median_s"]
+    return 2 * size ** 3 / seconds
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def report(args, device, dtype, variants: list[Variant], samples: dict, peak: float) -> dict:
     results = []
     for v in variants:
         batch, single = summarize(samples[(v.name, "batch")]), summarize(samples[(v.name, "single")])
+        rate = v.images / batch["median_s"]
         results.append({"variant": v.name, "family": v.family, "images": v.images, "gmacs_per_image": v.macs / 1e9,
-                        "batch": batch, "images_per_s": v.images / batch["median_s"],
+                        "batch": batch, "images_per_s": rate, "matmul_fraction": 2 * v.macs * rate / peak,
                         "single": single, "single_ms_per_image": 1e3 * single["median_s"] / v.single_images,
                         "single_images": v.single_images})
     out = {"environment": {**environment(device), "host_allocator": args.allocator}, "model": args.model,
            "checkpoint": args.checkpoint, "dtype": str(dtype).replace("torch.", ""), "batch": args.batch,
            "mix_batch": args.mix_batch, "mix": args.mix, "keep_rate": args.keep_rate, "compile": args.compile, "repeats": args.repeats,
-           "results": results}
+           "matmul_tflops": peak / 1e12, "results": results}
     out["targets"] = targets(out, device.type == "cuda")
     return out
 
@@ -186,6 +222,11 @@ def targets(rep: dict, gpu: bool) -> list[dict]:
     else:
         add(f"EViT {kr} vs timm", rate[evit] / rate["timm"], 1.6)
         add("mix packed vs the all-14x14 batch (timm)", rate["mix packed adaptok"] / rate["timm"], 1.7)
+    # Batch size 1: every adaptok variant at least as fast as the plain-PyTorch path doing the same work.
+    small = next(name for name in lat if name.startswith("grid "))
+    for name, peer in (("adaptok parity", "timm"), (evit, public), ("mix packed adaptok", "mix 2 batches"),
+                       (small, "timm at " + small.replace(" adaptok", ""))):
+        add(f"batch size 1: {name} latency / {peer}", lat[name] / lat[peer], 1.0, higher=False)
     return rows
 
 
@@ -194,14 +235,18 @@ def table(rep: dict) -> str:
     lines = [f"{rep['model']} on {env['device']}, {rep['dtype']}, batch {rep['batch']} "
              f"({rep['mix_batch']} mixed: {rep['mix']:.0%} 7x7), torch {env['torch']}, adaptok {env['commit'][:12]}"
              f"{', compiled' if rep['compile'] else ''}; medians of {rep['repeats']} rounds",
-             f"{'variant':24s} {'images/s':>9s} {'IQR %':>6s} {'GMACs/img':>9s} {'vs timm':>8s} "
-             f"{'bs1 ms/img':>10s} {'bs1 vs timm':>11s}"]
+             f"matmul ceiling ({rep['dtype']}, 4096^2): {rep['matmul_tflops'] * 1e3:.0f} GFLOP/s",
+             f"{'variant':24s} {'images/s':>9s} {'IQR %':>6s} {'GMACs/img':>9s} {'vs timm':>8s} {'% matmul':>8s} "
+             f"{'bs1 ms/img':>10s} {'bs1 IQR %':>9s} {'bs1 vs timm':>11s}"]
     base = next(r for r in rep["results"] if r["variant"] == "timm")
     for r in rep["results"]:
         b = r["batch"]
         iqr = 100 * (b["q3_s"] - b["q1_s"]) / b["median_s"]
+        one = r["single"]
+        iqr1 = 100 * (one["q3_s"] - one["q1_s"]) / one["median_s"]
         lines.append(f"{r['variant']:24s} {r['images_per_s']:9.1f} {iqr:6.1f} {r['gmacs_per_image']:9.2f} "
-                     f"{r['images_per_s'] / base['images_per_s']:7.2f}x {r['single_ms_per_image']:10.2f} "
+                     f"{r['images_per_s'] / base['images_per_s']:7.2f}x {100 * r['matmul_fraction']:7.1f}% "
+                     f"{r['single_ms_per_image']:10.2f} {iqr1:9.1f} "
                      f"{base['single_ms_per_image'] / r['single_ms_per_image']:10.2f}x")
     lines.append("targets:")
     for t in rep["targets"]:
@@ -210,7 +255,39 @@ def table(rep: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(rep: dict, path: str) -> None:
+def _place_labels(ax, points, labels, fontsize=8) -> list:
+    """Annotate each point with its label where it overlaps no label placed
+    before it (nor leaves the axes): the candidate offsets are tried in
+    turn, right of the point first, then stacked above and below. Returns
+    the labels' extents in display coordinates."""
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    placed = []
+    candidates = [(6, 3, "left"), (6, -11, "left"), (-6, 3, "right"), (-6, -11, "right")]
+    candidates += [(dx, dy * k, ha) for k in range(2, 8) for dy in (7, -7) for dx, ha in ((6, "left"), (-6, "right"))]
+    for (x, y), label in sorted(zip(points, labels), key=lambda p: -p[0][1]):
+        best = None
+        for dx, dy, ha in candidates:
+            text = ax.annotate(label, (x, y), textcoords="offset points", xytext=(dx, dy), ha=ha, fontsize=fontsize)
+            box = text.get_window_extent(renderer).expanded(1.04, 1.1)
+            inside = frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1)
+            if inside and not any(box.overlaps(other) for other in placed):
+                best = (text, box)
+                break
+            text.remove()
+        if best is None:  # nowhere free: the first candidate, with a leader line
+            dx, dy, ha = candidates[0]
+            text = ax.annotate(label, (x, y), textcoords="offset points", xytext=(dx, dy + 12 * len(placed)),
+                               ha=ha, fontsize=fontsize, arrowprops={"arrowstyle": "-", "lw": 0.5})
+            best = (text, text.get_window_extent(renderer))
+        placed.append(best[1])
+    return placed
+
+
+def plot(rep: dict, path: str) -> list:
+    """Images/second against GMACs per image, one labelled point per
+    variant, saved to ``path``; returns the labels' extents (for tests)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -218,21 +295,25 @@ def plot(rep: dict, path: str) -> None:
 
     colors = {"timm": "tab:gray", "adaptok": "tab:blue", "baseline": "tab:orange"}
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rep["results"]:
-        ax.scatter(r["gmacs_per_image"], r["images_per_s"], color=colors[r["family"]], s=40)
-        ax.annotate(r["variant"], (r["gmacs_per_image"], r["images_per_s"]), textcoords="offset points",
-                    xytext=(5, 3), fontsize=8)
+    points = [(r["gmacs_per_image"], r["images_per_s"]) for r in rep["results"]]
+    for r, (x, y) in zip(rep["results"], points):
+        ax.scatter(x, y, color=colors[r["family"]], s=40)
     for family, color in colors.items():
         ax.scatter([], [], color=color, label=family)
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    ax.set_xlim(min(xs) - 0.25 * (max(xs) - min(xs) + 0.1), max(xs) + 0.45 * (max(xs) - min(xs) + 0.1))
+    ax.set_ylim(0, max(ys) * 1.25)
     ax.set_xlabel("GMACs per image")
     mixed = f", mixed {rep['mix_batch']}" if rep["mix_batch"] != rep["batch"] else ""
     ax.set_ylabel(f"images / second (batch {rep['batch']}{mixed})")
     ax.set_title(f"{rep['model']}, {rep['environment']['device']}, {rep['dtype']}", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
+    boxes = _place_labels(ax, points, [r["variant"] for r in rep["results"]])
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return boxes
 
 
 def _fraction(text: str) -> float:
@@ -248,7 +329,8 @@ def main(argv: Optional[list] = None) -> None:
     parser.add_argument("--checkpoint", default=None, help="weights to load (default: random weights)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                        help="default: bfloat16 on a GPU, float32 on the CPU")
+                        help="default: bfloat16 on a GPU and on a CPU with native bf16 (AVX-512 BF16, AMX), "
+                        "else float32")
     parser.add_argument("--batch", type=int, default=None, help="images per call (default: 256 on a GPU, 32 on the CPU)")
     parser.add_argument("--mix-batch", type=int, default=None, help="images of the mixed batch (default: 512 on a GPU, "
                         "--batch on the CPU)")
@@ -265,7 +347,7 @@ def main(argv: Optional[list] = None) -> None:
     args = parser.parse_args(argv)
     device = torch.device(args.device) if args.device else default_device()
     gpu = device.type == "cuda"
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if gpu else torch.float32)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if gpu or cpu_has_bf16() else torch.float32)
     args.batch = args.batch or (256 if gpu else 32)
     args.mix_batch = args.mix_batch or (512 if gpu else args.batch)
     args.repeats = args.repeats or (20 if gpu else 3)
@@ -274,9 +356,10 @@ def main(argv: Optional[list] = None) -> None:
     args.allocator = ("the device's caching allocator" if gpu else
                       steady_allocator() if args.steady_allocator else "default")
     variants = build(args, device, dtype)
+    peak = matmul_rate(device, dtype)
     progress = not args.no_progress and sys.stderr.isatty()  # no bar in logs
     samples = measure(variants, device, args.repeats, args.warmup, progress=progress)
-    rep = report(args, device, dtype, variants, samples)
+    rep = report(args, device, dtype, variants, samples, peak)
     print(table(rep))
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "adaptok-bench.json")

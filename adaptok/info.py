@@ -15,7 +15,7 @@ import torch
 
 import adaptok
 from adaptok import _ext
-from adaptok.backends import BACKENDS, REGISTRY, backend_unavailable, forced_backend, triton_interpreted
+from adaptok.backends import BACKENDS, REGISTRY, backend_unavailable, forced_backend, triton_interpreted, unvalidated
 
 
 def _version(pkg: str) -> str:
@@ -66,9 +66,16 @@ def report(device: torch.device, dtype: torch.dtype) -> str:
         f"triton {_version('triton')}: {triton_status()}",
         f"forced backend: {forced_backend() or 'none (automatic choice)'}",
         "",
-        f"Backends per op for {device.type} {str(dtype).replace('torch.', '')} inputs "
-        "(* = automatic choice, + = can serve, - = cannot):",
+        backend_table(device, dtype),
     ]
+    return "\n".join(lines)
+
+
+def backend_table(device: torch.device, dtype: torch.dtype) -> str:
+    """Each op's backends for sample ``device``/``dtype`` inputs: the
+    automatic choice, the others that can serve them, and why not the rest."""
+    lines = [f"Backends per op for {device.type} {str(dtype).replace('torch.', '')} inputs "
+             "(* = automatic choice, + = can serve, - = cannot):"]
     width = max(len(name) for name in REGISTRY)
     for name, op in REGISTRY.items():
         args = op.example(device, dtype)
@@ -80,6 +87,8 @@ def report(device: torch.device, dtype: torch.dtype) -> str:
         for i, b in enumerate(BACKENDS):
             mark = "*" if b == chosen else "+" if reasons[b] is None else "-"
             note = op.impls[b].note if reasons[b] is None and op.impls[b].note else None
+            if reasons[b] is None and unvalidated(name, b, device.type):
+                note = "; ".join(filter(None, (note, unvalidated(name, b, device.type))))
             status = reasons[b] or (f"ok: {note}" if note else "ok")
             lines.append(f"  {name if i == 0 else '':{width}s}  {b:7s} {mark} {status}")
     return "\n".join(lines)

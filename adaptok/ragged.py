@@ -28,10 +28,37 @@ def _host_lengths(lengths, name: str) -> Optional[tuple]:
         if lengths.dim() != 1 or lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
             raise TypeError(f"{name} must be a 1-D integer tensor, got {lengths.dtype} of shape {tuple(lengths.shape)}")
         lengths = lengths.tolist()
-    lengths = tuple(lengths)
-    if not all(isinstance(n, int) for n in lengths):
-        raise TypeError(f"{name} must hold ints, got {lengths!r}")
-    return lengths
+    if isinstance(lengths, (str, bytes)) or not hasattr(lengths, "__len__"):
+        raise TypeError(f"{name} must be ints or a 1-D integer tensor, got {type(lengths).__name__}")
+    out = []
+    for i, n in enumerate(lengths):
+        try:
+            out.append(common.host_int(n, f"{name}[{i}]", -common.INT32_MAX))
+        except TypeError:
+            raise TypeError(f"{name} must hold ints, got {n!r} at index {i}") from None
+    return tuple(out)
+
+
+def _grid_tags(grid, batch: int, device: torch.device) -> Optional[Tensor]:
+    """``grid`` (ints >= 1, or an integer tensor) as int32 ``[batch]`` tags on
+    ``device``; floats, bools and tags < 1 are refused, naming ``grid``."""
+    if grid is None:
+        return None
+    if isinstance(grid, Tensor):
+        if grid.dtype.is_floating_point or grid.dtype.is_complex or grid.dtype == torch.bool:
+            raise TypeError(f"grid must hold integer tags (token grid sides), got a {grid.dtype} tensor")
+        if grid.shape != (batch,):
+            raise ValueError(f"grid must have one entry per sequence ({batch}), got shape {tuple(grid.shape)}")
+        if common.check_values_now(grid) and not torch.compiler.is_compiling() and batch and int(grid.min()) < 1:
+            raise ValueError(f"grid tags must be >= 1 (token grid sides), got {int(grid.min())}")
+        return grid.to(device=device, dtype=torch.int32)
+    tags = _host_lengths(grid, "grid")
+    if len(tags) != batch:
+        raise ValueError(f"grid must have one entry per sequence ({batch}), got {len(tags)}")
+    bad = [t for t in tags if t < 1]
+    if bad:
+        raise ValueError(f"grid tags must be >= 1 (token grid sides), got {bad[0]}")
+    return torch.tensor(tags, dtype=torch.int32).to(device, non_blocking=True)
 
 
 class RaggedBatch:
@@ -76,10 +103,7 @@ class RaggedBatch:
             longest = int(cu_seqlens.diff().max())
             if longest > max_seqlen:
                 raise ValueError(f"max_seqlen = {max_seqlen} is smaller than the longest sequence ({longest} tokens)")
-        if grid is not None:
-            grid = torch.as_tensor(grid, dtype=torch.int32).to(values.device)
-            if grid.shape != (batch,):
-                raise ValueError(f"grid must have one entry per sequence ({batch}), got shape {tuple(grid.shape)}")
+        grid = _grid_tags(grid, batch, values.device)
         self.values = values
         self.cu_seqlens = cu_seqlens
         self.max_seqlen = max_seqlen

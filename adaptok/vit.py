@@ -149,27 +149,59 @@ def macs(model: nn.Module, grid: Optional[int] = None) -> int:
 # ------------------------------------------------------------------ attention
 
 
+def matmul_attention_pays(device: torch.device, dtype: torch.dtype, sequences: int, heads: int, n: int) -> bool:
+    """Whether attention over ``sequences`` x ``heads`` rows of ``n`` tokens
+    runs faster as explicit ``softmax(q k^T) v`` matmuls than through SDPA.
+
+    Measured on the CPU (2 cores, AVX-512 BF16, torch 2.14, head dim 64, 6
+    heads, medians of 30 calls; the table is in ``docs/vit.md``): in bf16
+    the matmuls take 0.25-0.6x SDPA's time up to about 4 M score elements
+    (32 images of 140 tokens, 8 of 197) and 1.8x beyond (32 of 197). In
+    fp32 they gain at most 20 % in a narrow band and lose 2.3x just past it,
+    so fp32 (and fp16, not measured) keep SDPA, as does CUDA (its fused
+    kernels; no GPU measurement yet)."""
+    if device.type != "cpu" or dtype != torch.bfloat16:
+        return False
+    return sequences * heads * n * n <= MATMUL_ATTENTION_MAX_SCORES
+
+
+# The largest [b, H, n, n] score tensor (elements) the CPU bf16 matmul path
+# is chosen for (see matmul_attention_pays).
+MATMUL_ATTENTION_MAX_SCORES = 4_000_000
+
+
 def _dense_runs(q: Tensor, k: Tensor, v: Tensor, x: RaggedBatch, scale: float, dropout: float,
                 need_cls: bool):
-    """SDPA over each run of equal-length sequences, on views of the packed
-    ``q, k, v [T, H, D]``; the CLS rows for ``need_cls`` cost ``O(N D)`` per
-    head. Returns ``out [T, H * D]`` and ``cls_attn [T]`` (or None)."""
+    """Attention over each run of equal-length sequences, on views of the
+    packed ``q, k, v [T, H, D]``: SDPA, or explicit matmuls where
+    :func:`matmul_attention_pays`. The CLS rows for ``need_cls`` cost
+    ``O(N D)`` per head with SDPA and nothing more with the matmuls (their
+    probabilities hold them). Returns ``out [T, H * D]`` and ``cls_attn [T]``
+    (or None)."""
     T, H, D = q.shape
     runs = _runs(x.lengths)
     out = None if len(runs) == 1 else q.new_empty((T, H, D))
     cls = []
+    stat = torch.promote_types(q.dtype, torch.float32)
     for start, count, n in runs:
         qr, kr, vr = (t[start:start + count * n].view(count, n, H, D).transpose(1, 2) for t in (q, k, v))
-        o = F.scaled_dot_product_attention(qr, kr, vr, dropout_p=dropout, scale=scale).transpose(1, 2)
+        if matmul_attention_pays(q.device, q.dtype, count, H, n):
+            probs = (qr @ kr.transpose(-1, -2)).to(stat).mul_(scale).softmax(-1)  # [count, H, n, n]
+            if need_cls:
+                cls.append(probs[:, :, 0].mean(1).reshape(count * n))
+            if dropout > 0:
+                probs = F.dropout(probs, dropout)
+            o = (probs.to(vr.dtype) @ vr).transpose(1, 2)
+        else:
+            o = F.scaled_dot_product_attention(qr, kr, vr, dropout_p=dropout, scale=scale).transpose(1, 2)
+            if need_cls:
+                with torch.autocast(q.device.type, enabled=False):
+                    scores = (qr[:, :, :1].to(stat) @ kr.to(stat).transpose(-1, -2)) * scale  # [count, H, 1, n]
+                cls.append(scores.softmax(-1).mean(1).reshape(count * n))
         if out is None:
             out = o.reshape(T, H, D)
         else:  # one copy, as the single-run reshape makes
             out[start:start + count * n].view(count, n, H, D).copy_(o)
-        if need_cls:
-            stat = torch.promote_types(q.dtype, torch.float32)
-            with torch.autocast(q.device.type, enabled=False):
-                scores = (qr[:, :, :1].to(stat) @ kr.to(stat).transpose(-1, -2)) * scale  # [count, H, 1, n]
-            cls.append(scores.softmax(-1).mean(1).reshape(count * n))
     cls_attn = (cls[0] if len(cls) == 1 else torch.cat(cls)) if need_cls else None
     return out.reshape(T, H * D), cls_attn
 
@@ -221,19 +253,23 @@ class AdaptiveBlock(Block):
     ``keep_rate``, selects tokens between its attention and its MLP (EViT).
 
     Attributes set by :func:`patch`: ``keep_rate`` (None: no pruning),
-    ``fuse`` (append the fused inattentive token) and ``num_prefix_tokens``
-    (the CLS and other prefix tokens, never pruned).
+    ``fuse`` (append the fused inattentive token), ``num_prefix_tokens``
+    (the CLS and other prefix tokens, never pruned) and ``parity`` (the
+    model has no keep rate: a uniform batch runs timm's own ``forward``,
+    exactly; otherwise every block takes adaptok's attention path, chosen
+    per shape by :func:`matmul_attention_pays`).
     """
 
     keep_rate: Optional[float] = None
     fuse: bool = True
     num_prefix_tokens: int = 1
+    parity: bool = True
 
     def forward(self, x, attn_mask: Optional[Tensor] = None, is_causal: bool = False):
         """``x``: a :class:`RaggedBatch` of ``[T, C]`` tokens, or a ``[B, N, C]``
         tensor (what timm passes; a pruning block returns ``[B, N', C]``)."""
         if isinstance(x, RaggedBatch):
-            if x.is_uniform and self.keep_rate is None:
+            if x.is_uniform and self.keep_rate is None and self.parity:
                 dense = x.values.view(x.batch_size, x.max_seqlen, -1)
                 return x.with_values(super().forward(dense).view_as(x.values))
             return self._forward_packed(x)
@@ -242,6 +278,8 @@ class AdaptiveBlock(Block):
         if attn_mask is not None or is_causal:
             raise UnsupportedModelError("a pruning block (keep_rate set) cannot take attn_mask or is_causal")
         B, N, C = x.shape
+        if B == 0:  # an empty batch: the token count this block leaves
+            return x[:, :output_lengths([N], _keep_counts([N], self.keep_rate, self.num_prefix_tokens), self.fuse)[0]]
         out = self._forward_packed(RaggedBatch._unchecked(x.reshape(B * N, C), (N,) * B))
         return out.values.view(B, -1, C)
 
@@ -273,17 +311,22 @@ class AdaptiveBlock(Block):
 
 
 def _host_grid(grid, batch: int) -> tuple:
-    """``grid`` (an int, ints, or an integer tensor) as one host int per image."""
-    if isinstance(grid, bool):
-        raise TypeError("grid must be an int, ints or an integer tensor, got a bool")
+    """``grid`` (an int, a sequence of ints, a numpy array or an integer
+    tensor) as one host int >= 1 per image; otherwise a TypeError or
+    ValueError naming ``grid``."""
+    kinds = "an int, one int per image (a list, tuple or numpy array) or a 1-D integer tensor"
     if isinstance(grid, Tensor):
-        if grid.dtype.is_floating_point or grid.dtype == torch.bool or grid.dim() > 1:
-            raise TypeError(f"grid must be an int or a 1-D integer tensor, got {grid.dtype} of shape {tuple(grid.shape)}")
+        if grid.dtype.is_floating_point or grid.dtype.is_complex or grid.dtype == torch.bool or grid.dim() > 1:
+            raise TypeError(f"grid must be {kinds}, got a {grid.dtype} tensor of shape {tuple(grid.shape)}")
         grid = grid.tolist()  # sizes depend on it: one sync for a device tensor
-    try:
-        grid = [operator.index(grid)] * batch  # one int (or numpy int) for every image
-    except TypeError:
-        pass
+    elif hasattr(grid, "dtype") and hasattr(grid, "tolist"):  # numpy arrays and scalars
+        grid = grid.tolist()
+    if isinstance(grid, bool):
+        raise TypeError(f"grid must be {kinds}, got a bool")
+    if isinstance(grid, int):
+        grid = [grid] * batch
+    elif isinstance(grid, (str, bytes, dict, set, frozenset)) or not isinstance(grid, Sequence):
+        raise TypeError(f"grid must be {kinds}, got {type(grid).__name__} {grid!r}"[:200])
     grid = tuple(grid)
     if len(grid) != batch:
         raise ValueError(f"grid must have one entry per image ({batch}), got {len(grid)}")
@@ -297,6 +340,32 @@ def _host_grid(grid, batch: int) -> tuple:
             raise ValueError(f"grid must hold ints >= 1 (token grid sides), got {g!r} at index {i}")
         sides.append(side)
     return tuple(sides)
+
+
+def _one_rate(keep_rate) -> bool:
+    """Whether ``keep_rate`` is one number (for every prune layer)."""
+    return not isinstance(keep_rate, Sequence) and getattr(keep_rate, "ndim", 0) == 0
+
+
+def _host_rates(keep_rate) -> tuple:
+    """``keep_rate`` (a real number, or one per prune layer: a sequence, a
+    numpy array or a tensor) as a tuple of Python floats, unchecked in
+    value; otherwise a TypeError naming ``keep_rate``."""
+    kinds = "a float in (0, 1], one float per prune layer, or None"
+    if isinstance(keep_rate, Tensor) or (hasattr(keep_rate, "dtype") and hasattr(keep_rate, "tolist")):
+        if getattr(keep_rate, "ndim", 0) > 1:
+            raise TypeError(f"keep_rate must be {kinds}, got an array of shape {tuple(keep_rate.shape)}")
+        keep_rate = keep_rate.tolist()
+    if isinstance(keep_rate, (str, bytes, dict, set, frozenset)):
+        raise TypeError(f"keep_rate must be {kinds}, got {type(keep_rate).__name__} {keep_rate!r}"[:200])
+    rates = keep_rate if isinstance(keep_rate, Sequence) else (keep_rate,)
+    out = []
+    for r in rates:
+        try:
+            out.append(common.host_float(r, "keep_rate"))
+        except TypeError:
+            raise TypeError(f"keep_rate must be {kinds}, got {r!r}"[:200]) from None
+    return tuple(out)
 
 
 def _check_keep_rate(keep_rate: KeepRate, prune_layers: Sequence[int], model: nn.Module) -> Optional[tuple]:
@@ -314,13 +383,21 @@ def _check_keep_rate(keep_rate: KeepRate, prune_layers: Sequence[int], model: nn
             raise ValueError(f"prune_layers must hold block indices in [0, {depth - 1}], got {i!r}")
     if len(set(layers)) != len(layers):
         raise ValueError(f"prune_layers must not repeat a block, got {layers}")
-    rates = (keep_rate,) * len(layers) if isinstance(keep_rate, (int, float)) else tuple(keep_rate)
+    rates = _host_rates(keep_rate)
+    if _one_rate(keep_rate):
+        rates = rates * len(layers)
     if len(rates) != len(layers):
         raise ValueError(f"keep_rate must be a float or one rate per prune layer ({len(layers)}), got {len(rates)}")
     for r in rates:
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 < r <= 1.0:
+        if not 0.0 < r <= 1.0:  # also refuses NaN
             raise ValueError(f"keep_rate must be in (0, 1], got {r!r}")
-    return tuple(zip(layers, (float(r) for r in rates)))
+    return tuple(zip(layers, rates))
+
+
+_NO_TORCHSCRIPT = ("{what} is not supported on a model patched by adaptok: its forward plans the token layout on "
+                   "the host (grids, keep counts, sequence lengths), which TorchScript cannot represent. Use "
+                   "torch.compile(model) (parity mode and a fixed keep rate trace with fullgraph=True) or "
+                   "torch.export.export(model, (images,)) (parity, keep rates and a fixed grid= list export).")
 
 
 class AdaptiveViTMixin:
@@ -351,7 +428,9 @@ class AdaptiveViTMixin:
             blk.keep_rate = rates.get(i)
             blk.fuse = fuse
             blk.num_prefix_tokens = self.num_prefix_tokens
-        self._adaptok_keep_rate = keep_rate if not isinstance(keep_rate, (list, tuple)) else tuple(keep_rate)
+            blk.parity = pairs is None
+        rates = _host_rates(keep_rate) if keep_rate is not None else None
+        self._adaptok_keep_rate = rates if rates is None or not _one_rate(keep_rate) else rates[0]
         self._adaptok_prune_layers = tuple(prune_layers)
         self._adaptok_fuse = fuse
 
@@ -461,8 +540,7 @@ class AdaptiveViTMixin:
             idx = members[g]
             images = _take(x, idx)
             size = (g * ph, g * pw)
-            if tuple(images.shape[-2:]) != size:
-                images = F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
+            images = resize_images(images, size)
             groups.append(self._patchify(images))
             order += idx
             grids.append((g, g))
@@ -478,6 +556,14 @@ class AdaptiveViTMixin:
         return RaggedBatch._unchecked(out.reshape(-1, out.shape[-1]), (out.shape[1],) * x.batch_size, x.grid)
 
     # ------------------------------------------------------------- forward
+
+    def __prepare_scriptable__(self):
+        """Called by ``torch.jit.script``: refuse with the alternatives."""
+        raise UnsupportedModelError(_NO_TORCHSCRIPT.format(what="torch.jit.script"))
+
+    def _check_not_traced(self) -> None:
+        if torch.jit.is_tracing():
+            raise UnsupportedModelError(_NO_TORCHSCRIPT.format(what="torch.jit.trace"))
 
     def _forward_tokens(self, x: Tensor, grid) -> tuple[RaggedBatch, Optional[list]]:
         batch, order = self.embed(x, grid)
@@ -496,6 +582,9 @@ class AdaptiveViTMixin:
         if attn_mask is not None or is_causal:
             self._plain_only("attn_mask or is_causal", grid)
             return super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
+        self._check_not_traced()
+        if isinstance(x, Tensor) and x.dim() == 4 and x.shape[0] == 0:
+            return self._empty_features(x, grid)
         batch, order = self._forward_tokens(x, grid)
         if order is not None and order != sorted(order):
             batch = batch.index_select(_inverse(order))
@@ -525,12 +614,34 @@ class AdaptiveViTMixin:
         if attn_mask is not None or is_causal:
             self._plain_only("attn_mask or is_causal", grid)
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        self._check_not_traced()
+        if isinstance(x, Tensor) and x.dim() == 4 and x.shape[0] == 0:  # what timm returns: [0, classes]
+            return self.forward_head(self._empty_features(x, grid))
         batch, order = self._forward_tokens(x, grid)
         out = self.forward_head(batch)
         if order is None or order == sorted(order):
             return out
         inverse = _inverse(order)
         return tuple(_take(o, inverse) for o in out) if isinstance(out, tuple) else _take(out, inverse)
+
+    def _empty_features(self, x: Tensor, grid) -> Tensor:
+        """``[0, N, C]``: the final tokens of an empty batch, N as the grid
+        and the keep rates leave it (timm runs empty batches too)."""
+        if grid is None:
+            return super().forward_features(x)
+        _host_grid(grid, 0)  # the same checks as for a full batch
+        try:
+            side = operator.index(grid)
+        except TypeError:  # no image, so no grid: the model's own
+            side = self.patch_embed.grid_size[0]
+        if self.patch_embed.grid_size[0] != self.patch_embed.grid_size[1]:
+            raise UnsupportedModelError(f"grid= needs a square patch grid, this model's is "
+                                        f"{self.patch_embed.grid_size[0]}x{self.patch_embed.grid_size[1]}")
+        h = x.new_zeros((0, self.num_prefix_tokens + side * side, self.embed_dim), dtype=self.pos_embed.dtype
+                        if self.pos_embed is not None else self.patch_embed.proj.weight.dtype)
+        for blk in self.blocks:
+            h = blk(h)
+        return self.norm(h)
 
     def forward_intermediates(self, *args, **kwargs):
         """timm's, in parity mode only: its feature maps assume every patch
@@ -541,6 +652,20 @@ class AdaptiveViTMixin:
     def _plain_only(self, what: str, grid) -> None:
         if grid is not None or self._adaptok_keep_rate is not None:
             raise UnsupportedModelError(f"{what} cannot be combined with grid= or a keep_rate")
+
+
+def resize_images(images: Tensor, size: tuple) -> Tensor:
+    """``[B, C, H, W]`` images resized to ``size = (h, w)`` pixels, bilinear
+    with antialiasing (what ``grid=`` does to an image of another size); the
+    images themselves when they already have that size. PyTorch's CPU
+    antialiased resize has no fp16/bf16 kernel: those resize in fp32 and are
+    rounded back once."""
+    if tuple(images.shape[-2:]) == tuple(size):
+        return images
+    low = images.device.type == "cpu" and images.dtype in (torch.float16, torch.bfloat16)
+    out = F.interpolate(images.float() if low else images, size=tuple(size), mode="bilinear", align_corners=False,
+                        antialias=True)
+    return out.to(images.dtype) if low else out
 
 
 def _take(x: Tensor, idx: Sequence[int]) -> Tensor:

@@ -3,6 +3,7 @@
 # Usage: bench/run_gpu.sh OUT_DIR   (needs torch, triton, pytest and
 # pytest-benchmark installed; builds the extension for sm_90 unless
 # ADAPTOK_CUDA_ARCHS says otherwise). Writes into OUT_DIR: info.txt, tests.txt,
+# tests.xml, gpu_validated.json (bench/gpu_validation.py),
 # bench.json (pytest-benchmark), report.md (bench/report.py: times against the
 # floors), adaptok-bench.json and adaptok-bench.png (adaptok-bench). Extra arguments go to the benchmark
 # run (e.g. -k "256img-H6-50_50").
@@ -14,8 +15,10 @@ export ADAPTOK_CUDA_ARCHS="${ADAPTOK_CUDA_ARCHS:-9.0}" MAX_JOBS="${MAX_JOBS:-16}
 
 pip install --no-build-isolation --no-deps -e . >"$out/build.txt" 2>&1 || { tail -40 "$out/build.txt"; exit 1; }
 python -m adaptok.info | tee "$out/info.txt"
-python -m pytest tests -q -rs 2>&1 | tee "$out/tests.txt"
+python -m pytest tests -q -rs --junitxml "$out/tests.xml" 2>&1 | tee "$out/tests.txt"
 tests_rc=${PIPESTATUS[0]}
+# The (op, backend) pairs whose GPU tests passed: copy over adaptok/gpu_validated.json and commit.
+python bench/gpu_validation.py "$out/tests.xml" --out "$out/gpu_validated.json"
 shift
 python -m pytest bench -q -rs --benchmark-max-time=0.25 --benchmark-json "$out/bench.json" "$@" >"$out/bench.txt" 2>&1
 tail -20 "$out/bench.txt"

@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "checks.h"
@@ -143,7 +144,10 @@ ADAPTOK_CPU_CLONES void normalize_row(float* h, int64_t C, float eps, const floa
     const vfloat d = load_lanes(h + c) - mean;
     squares += d * d;
   }
-  const float rstd = 1.0f / std::sqrt(sum_lanes(squares) / C + eps);
+  // A variance past the fp32 range (|h| >~ 1e18) would give rstd = 0 and
+  // y = bias, finite and wrong: make it NaN instead, as F.layer_norm does.
+  const float var = sum_lanes(squares) / C;
+  const float rstd = std::isinf(var) ? std::numeric_limits<float>::quiet_NaN() : 1.0f / std::sqrt(var + eps);
   for (int64_t c = 0; c < padded; c += kLanes) {
     vfloat v = (load_lanes(h + c) - mean) * rstd;
     if (w != nullptr) v *= load_lanes(w + c);

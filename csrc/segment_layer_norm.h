@@ -10,7 +10,8 @@
 //
 //   h_t    = x_t + residual_t          (h_t = x_t when residual is null)
 //   mean_t = sum_c h_tc / C,  var_t = sum_c (h_tc - mean_t)^2 / C  (biased)
-//   rstd_t = 1 / sqrt(var_t + eps)
+//   rstd_t = 1 / sqrt(var_t + eps), NaN when var_t overflows fp32 (so the
+//            row is NaN, as in F.layer_norm, not its bias)
 //   y_tc   = (h_tc - mean_t) * rstd_t * weight[g, c] + bias[g, c]
 //
 // Statistics in fp32 whatever the dtype; y (and h) rounded once to x's

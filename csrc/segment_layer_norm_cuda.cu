@@ -215,7 +215,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       }
     }
     const float var = warp_sum(sq) / count;
-    const float rstd = 1.0f / sqrtf(var + p.eps);
+    const float rstd = isinf(var) ? __int_as_float(0x7fc00000) : 1.0f / sqrtf(var + p.eps);  // NaN past fp32
     if (lane == 0) {
       p.mean[t] = mean;
       p.rstd[t] = rstd;
@@ -302,7 +302,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     }
     const float mean = __shfl_sync(kFullMask, m, 0);
     const float var = __shfl_sync(kFullMask, m2, 0) / count;
-    const float rstd = 1.0f / sqrtf(var + p.eps);
+    const float rstd = isinf(var) ? __int_as_float(0x7fc00000) : 1.0f / sqrtf(var + p.eps);  // NaN past fp32
     if (lane == 0) {
       p.mean[t] = mean;
       p.rstd[t] = rstd;

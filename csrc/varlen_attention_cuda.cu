@@ -429,13 +429,18 @@ __global__ void __launch_bounds__(kThreads, min_ctas<D>())
     }
   }
 
-  // The CLS row: P_0j = exp2(s_0j - lse2_0) for every key j, from row 0's
-  // final statistics, in fp32 (as the Triton kernel). A group of D / 8 lanes
+  // The CLS row: P_0j = exp2(s_0j - m_0) / l_0 for every key j, from row 0's
+  // final running max and sum in fp32. Not exp2(s_0j - lse2_0): lse2 is
+  // rounded at the logits' magnitude (ulp(3000) = 2.4e-4), which large
+  // logits turn into that relative error of P. A group of D / 8 lanes
   // shares a key, 8 elements per lane, so the loads stay coalesced and a lane
   // keeps only its 8 elements of q_0.
   if (p.cls != nullptr && row0 == 0) {
-    __shared__ float lse2_cls;
-    if (tid == 0) lse2_cls = lse2;  // warp 0, lane 0 holds row 0 (r == 0)
+    __shared__ float max_cls, inv_sum_cls;
+    if (tid == 0) {  // warp 0, lane 0 holds row 0 (r == 0)
+      max_cls = m_i;
+      inv_sum_cls = 1.f / l_i;
+    }
     __syncthreads();
     constexpr int kGroup = D / 8;
     constexpr int kKeysPerPass = kThreads / kGroup;
@@ -443,7 +448,7 @@ __global__ void __launch_bounds__(kThreads, min_ctas<D>())
     const int part = (tid % kGroup) * 8;
     float qv[8];
     load8<T, kVec>(q + start * p.q_stride_t + part, qv);
-    const float lse_ref = lse2_cls;
+    const float max_ref = max_cls, inv_sum_ref = inv_sum_cls;
     // n and j0 are uniform, so every lane reaches the shuffles.
     for (int64_t j0 = 0; j0 < n; j0 += kKeysPerPass) {
       const int64_t j = j0 + tid / kGroup;
@@ -456,7 +461,7 @@ __global__ void __launch_bounds__(kThreads, min_ctas<D>())
       for (int o = kGroup / 2; o > 0; o /= 2)
         dot += __shfl_xor_sync(0xffffffffu, dot, o);
       if (j < n && part == 0)
-        p.cls[h * total + start + j] = exp2f(dot * qk_scale - lse_ref);
+        p.cls[h * total + start + j] = exp2f(dot * qk_scale - max_ref) * inv_sum_ref;
     }
   }
 #endif  // ADAPTOK_VARLEN_DEVICE

@@ -24,7 +24,8 @@ fp32:
   ``x`` (and ``residual``) and stores ``y``.
 
 ``y`` and ``h_out`` are rounded once to x's dtype from the fp32 ``h``;
-``rstd = 1 / sqrt(var + eps)`` with IEEE sqrt and division. No host sync.
+``rstd = 1 / sqrt(var + eps)`` with IEEE sqrt and division, NaN when the
+variance overflows fp32 (so the row is NaN, as in ``F.layer_norm``). No host sync.
 Offsets and groups come from the device unchecked, so every access is
 bounded: the search only reads ``cu_seqlens[0, B)``, the group is clamped
 into ``[0, G - 1]``, rows past T are masked; row offsets are int64. A row
@@ -68,6 +69,13 @@ def _load_h(x, residual, h_out, rows_x, rows_r, rows_o, cols, mask, HAS_RESIDUAL
 
 
 @triton.jit
+def _rstd(var, eps):
+    """``1 / sqrt(var + eps)``, NaN where the variance overflowed fp32
+    (|h| >~ 1e18): rstd = 0 would turn every row into its bias."""
+    return tl.where(var == float("inf"), float("nan"), tl.math.div_rn(1.0, tl.sqrt_rn(var + eps)))
+
+
+@triton.jit
 def _store_y(y, weight, bias, h, mean, rstd, rows_o, w_rows, cols, mask, HAS_WEIGHT: tl.constexpr,
              HAS_BIAS: tl.constexpr):
     out = (h - mean[:, None]) * rstd[:, None]
@@ -103,7 +111,7 @@ def _fwd_kernel(x, residual, weight, bias, cu_seqlens, group, y, h_out, mean, rs
         m = tl.sum(h, 1) / C
         d = tl.where(mask, h - m[:, None], 0.0)
         var = tl.sum(d * d, 1) / C
-        r = tl.math.div_rn(1.0, tl.sqrt_rn(var + eps))
+        r = _rstd(var, eps)
         tl.store(mean + rows64, m, mask=row_mask)
         tl.store(rstd + rows64, r, mask=row_mask)
         _store_y(y, weight, bias, h, m, r, rows_o, w_rows, offs_c, mask, HAS_WEIGHT, HAS_BIAS)
@@ -124,7 +132,7 @@ def _fwd_kernel(x, residual, weight, bias, cu_seqlens, group, y, h_out, mean, rs
             m += delta * (n_b / n)
             m2 += tl.sum(d * d, 1) + delta * delta * (n_a * n_b / n)
         var = m2 / C
-        r = tl.math.div_rn(1.0, tl.sqrt_rn(var + eps))
+        r = _rstd(var, eps)
         tl.store(mean + rows64, m, mask=row_mask)
         tl.store(rstd + rows64, r, mask=row_mask)
         # Pass 2: reload h (unrounded) and normalize.

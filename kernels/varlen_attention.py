@@ -117,6 +117,13 @@ def _fwd_kernel(q, k, v, out, lse, cls, cu_seqlens, batch, search_steps, T, D, q
             rows_n, mask_n = _span(start, n0, offs_n, n, T)
             kt, vt = _kv(k, v, rows_n, mask_n, sk_t, sv_t, offs_d, D)
             s = tl.where(mask_n[None, :], _mm(qt, tl.trans(kt), PRECISION) * qk_scale, float("-inf"))
+            if STORE_CLS:
+                if m0 == 0:
+                    # Park row 0's scores (the very values this softmax uses)
+                    # in cls until its final max and sum are known; picking
+                    # the row costs a BLOCK_M x BLOCK_N select and sum.
+                    tl.store(cls + h * T + rows_n, tl.sum(tl.where((offs_m == 0)[:, None], s, 0.0), 0),
+                             mask=mask_n)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
@@ -130,15 +137,19 @@ def _fwd_kernel(q, k, v, out, lse, cls, cu_seqlens, batch, search_steps, T, D, q
 
         if STORE_CLS:
             if m0 == 0:
-                # The CLS row of the probabilities, from its final statistics:
-                # one more pass over the keys for a single query row, O(N * D).
-                lse_cls = tl.sum(tl.where(offs_m == 0, lse2, 0.0), 0)
-                q_cls = tl.sum(tl.where((offs_m == 0)[:, None], qt.to(tl.float32), 0.0), 0)
+                # The CLS row of the probabilities: exp2(s - m) / l from the
+                # parked scores and row 0's final max and sum, O(N) more work.
+                # Not exp2(s - lse2): lse2 is rounded at the magnitude of the
+                # scores (ulp(3000) ~ 2.4e-4), and so would be the result.
+                m_cls = tl.sum(tl.where(offs_m == 0, m_i, 0.0), 0)
+                l_cls = tl.sum(tl.where(offs_m == 0, l_i, 0.0), 0)
+                # The scores were stored in the layout of s and are read back in
+                # another: other threads of the program may hold them.
+                tl.debug_barrier()
                 for n0 in range(0, n, BLOCK_N):
                     rows_n, mask_n = _span(start, n0, offs_n, n, T)
-                    kt = _rows(k, rows_n, sk_t, offs_d, mask_n, D).to(tl.float32)
-                    s_cls = tl.sum(kt * q_cls[None, :], 1) * qk_scale
-                    tl.store(cls + h * T + rows_n, tl.exp2(s_cls - lse_cls), mask=mask_n)
+                    s_cls = tl.load(cls + h * T + rows_n, mask=mask_n, other=float("-inf"))
+                    tl.store(cls + h * T + rows_n, tl.exp2(s_cls - m_cls) / l_cls, mask=mask_n)
 
 
 @triton.jit

@@ -262,7 +262,7 @@ def test_errors_name_the_argument():
         (lambda: op(x, cu, group, weight.double()), TypeError, "weight must have the dtype of x"),
         (lambda: op(x, cu, group, weight, bias[:2]), ValueError, "same number of groups"),
         (lambda: op(x, cu, group, residual=residual[:3]), ValueError, "residual must match x"),
-        (lambda: op(x, cu, group, eps=-1.0), ValueError, "eps must be >= 0"),
+        (lambda: op(x, cu, group, eps=-1.0), ValueError, "eps must be finite and >= 0"),
         (lambda: op(x, cu, torch.tensor([0, 3], dtype=torch.int32), weight), ValueError,
          r"group\[1\] = 3 must lie in \[0, G - 1 = 2\]"),
         (lambda: op(x, torch.tensor([0, 3, 7], dtype=torch.int32), group), ValueError,

@@ -351,7 +351,7 @@ def test_errors_name_the_argument():
         (dict(keep_rate=0.0), ValueError, r"keep_rate must be in \(0, 1\], got 0.0"),
         (dict(keep_rate=1.5), ValueError, r"keep_rate must be in \(0, 1\], got 1.5"),
         (dict(keep_rate=math.nan), ValueError, r"keep_rate must be in \(0, 1\]"),
-        (dict(keep_rate=True), TypeError, "keep_rate must be a float"),
+        (dict(keep_rate=True), TypeError, "keep_rate must be a real number"),
         (dict(), ValueError, "exactly one of keep_rate and keep, got neither"),
         (dict(keep_rate=0.5, keep=[1, 1]), ValueError, "exactly one of keep_rate and keep, got both"),
         (dict(keep=[3, 1]), ValueError, r"keep\[0\] = 3 must lie in \[0, N_b - 1 = 2\]"),

@@ -199,6 +199,65 @@ def test_return_flags_and_cls_attn_properties(attn_backend):
     torch.testing.assert_close(sums, torch.ones_like(sums))
 
 
+# Max |score| (the softmax's argument, scale * q.k) each case scales q to; None:
+# q times 1e20 as it is (fp32 scores near 1e20, still finite).
+CLS_LOGITS = {"logits-3e1": 3e1, "logits-3e2": 3e2, "logits-3e3": 3e3, "logits-3e4": 3e4, "q-times-1e20": None}
+
+
+def cls_rows64(q, k, cu, scale):
+    """Float64 CLS rows ``[H, T]``, independently of the library: per
+    sequence, the softmax of its first query's scores."""
+    rows = []
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        rows.append(torch.softmax(torch.einsum("hd,jhd->hj", q[s].double(), k[s:e].double()) * scale, -1))
+    return torch.cat(rows, -1)
+
+
+def max_score64(q, k, cu, scale):
+    """max |scale * q_i . k_j| over every sequence, in float64."""
+    bounds = cu.tolist()
+    return max((torch.einsum("ihd,jhd->hij", q[s:e].double(), k[s:e].double()) * scale).abs().max().item()
+               for s, e in zip(bounds[:-1], bounds[1:]))
+
+
+def cls_row_errors(actual, expected, cu):
+    """Error of every CLS row (one per sequence and, for ``[H, T]``, head):
+    max |actual - expected| over the row over max |expected| of the row (at
+    least 1 / N). Elementwise relative error would not be sound: an fp32
+    score s carries an absolute error ~ ulp(s), so the small probabilities of
+    large-logit rows are only known to ~ulp(s) relative on every backend."""
+    errors = []
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        a, x = actual[..., s:e].double(), expected[..., s:e]
+        errors.append(((a - x).abs().amax(-1) / x.abs().amax(-1)).reshape(-1))
+    return torch.cat(errors)
+
+
+@pytest.mark.parametrize("logits", list(CLS_LOGITS))
+def test_cls_exact_at_large_logits(attn_backend, logits):
+    """The CLS rows stay as exact as fp32 allows however large the scores
+    (max |score| 30 to 30,000, and q * 1e20): per-head ``cls`` of the op and
+    the head mean ``cls_attn`` within 1e-5 of a float64 softmax, per row."""
+    device, backend = attn_backend
+    supported(device, backend, torch.float32, 64)
+    q, k, v, cu, max_seqlen = make(LENGTHS["vit"], 3, 64, torch.float32, device)
+    scale = 64 ** -0.5
+    target = CLS_LOGITS[logits]
+    q = q * (1e20 if target is None else target / max_score64(q, k, cu, scale))
+    top = max_score64(q, k, cu, scale)
+    assert top * math.log2(math.e) < torch.finfo(torch.float32).max / 2, top  # fp32 base-2 scores are finite
+    expected = cls_rows64(q, k, cu, scale)
+    require(VARLEN_ATTENTION, backend, q, k, v, cu, max_seqlen, scale, True)
+    with adaptok.backend(backend), poison_outputs():
+        _, _, cls = torch.ops.adaptok.varlen_attention(q, k, v, cu, max_seqlen, scale, True)
+        _, cls_attn = adaptok.varlen_attention(q, k, v, cu, max_seqlen, scale=scale, return_cls_attn=True)
+    for name, actual, reference in (("cls", cls, expected), ("cls_attn", cls_attn, expected.mean(0))):
+        assert actual.dtype == torch.float32 and actual.shape == reference.shape, name
+        assert torch.isfinite(actual).all(), (name, actual[~torch.isfinite(actual)])
+        err = cls_row_errors(actual, reference, cu).max().item()
+        assert err <= 1e-5, (name, f"max |score| {top:.3g}", err)
+
+
 def test_cpu_kernel_is_deterministic_across_thread_counts():
     """The CPU kernel splits (sequence, head) tasks between threads; the split
     must not change a single bit. Lengths sorted so the split is uneven."""

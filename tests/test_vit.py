@@ -460,7 +460,7 @@ def test_unsupported_uses_are_refused():
     (dict(keep_rate=0.0), ValueError, r"keep_rate must be in \(0, 1\]"),
     (dict(keep_rate=1.5), ValueError, r"keep_rate must be in \(0, 1\]"),
     (dict(keep_rate=float("nan")), ValueError, r"keep_rate must be in \(0, 1\]"),
-    (dict(keep_rate=True), ValueError, r"keep_rate must be in \(0, 1\]"),
+    (dict(keep_rate=True), TypeError, "keep_rate must be a float"),
     (dict(keep_rate=(0.5, 0.5)), ValueError, "one rate per prune layer"),
     (dict(keep_rate=0.5, prune_layers=(3, 12)), ValueError, r"prune_layers must hold block indices in \[0, 11\]"),
     (dict(keep_rate=0.5, prune_layers=(3, 3)), ValueError, "must not repeat"),

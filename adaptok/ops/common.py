@@ -9,6 +9,9 @@ bounds for any ``cu_seqlens``.
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
+import operator
 import os
 from typing import Iterator, Optional, Sequence
 
@@ -61,6 +64,56 @@ def check_tensors(**tensors) -> None:
     """TypeError naming the first argument that is not a tensor."""
     for name, t in tensors.items():
         check_tensor(t, name)
+
+
+INT32_MAX = 2**31 - 1
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def host_int(value, name: str, low: int = 0, high: int = INT32_MAX) -> int:
+    """``value`` (an int, a numpy int or a 0-d integer tensor, not a bool) as
+    a host int in ``[low, high]``; otherwise a TypeError or ValueError naming
+    ``name``. SymInts (``torch.compile``) pass through."""
+    if isinstance(value, torch.SymInt):
+        return value
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        raise TypeError(f"{name} must be an int, got a bool")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    if value > high:
+        raise ValueError(f"{name} must be <= {high} (int32 offsets), got {value}")
+    return value
+
+
+def host_float(value, name: str) -> float:
+    """``value`` (a Python, numpy or 0-d tensor real number, not a bool or a
+    string) as a Python float; otherwise a TypeError naming ``name``."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool and not value.is_complex():
+        return float(value.item())
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def check_float32_scalar(value: float, name: str) -> None:
+    """The rule every backend shares for a scalar the kernels compute with in
+    fp32 (an attention scale): finite and within the float32 range."""
+    if not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+        raise ValueError(f"{name} must be finite and within the float32 range (|{name}| <= {FLOAT32_MAX:.4g}), "
+                         f"got {value}")
+
+
+def check_fill_value(value: float, dtype: torch.dtype, name: str) -> None:
+    """A fill value must be representable in ``dtype``: a finite value past
+    the dtype's range would overflow (to inf on some backends, to an error
+    on others); inf and NaN themselves are representable."""
+    if dtype.is_floating_point and math.isfinite(value) and abs(value) > torch.finfo(dtype).max:
+        raise ValueError(f"{name} = {value:g} overflows {str(dtype).replace('torch.', '')} "
+                         f"(largest finite value {torch.finfo(dtype).max:.6g})")
 
 
 def check_same_device(t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -> None:

@@ -56,6 +56,8 @@ def _check_pack(x: Tensor, cu_seqlens: Tensor, total: int) -> None:
     common.check_cu_seqlens(cu_seqlens, x, "x")
     if cu_seqlens.shape[0] != x.shape[0] + 1:
         raise ValueError(f"cu_seqlens must have B + 1 = {x.shape[0] + 1} entries for x of shape {tuple(x.shape)}, got {cu_seqlens.shape[0]}")
+    if not isinstance(total, torch.SymInt) and total < 0:
+        raise ValueError(f"total must be >= 0 (the packed token count), got {total}")
 
 
 PACK = Op("pack", subject=lambda x, cu, total: x,
@@ -134,19 +136,20 @@ def pack(x: Tensor, cu_seqlens: Tensor, total: int) -> Tensor:
         torch.Size([5, 8])
     """
     common.check_tensors(x=x, cu_seqlens=cu_seqlens)
-    return torch.ops.adaptok.pack(x, cu_seqlens, total)
+    return torch.ops.adaptok.pack(x, cu_seqlens, common.host_int(total, "total"))
 
 
 # --------------------------------------------------------------------------- unpack
 
 
-def _check_unpack(values: Tensor, cu_seqlens: Tensor, length: int) -> None:
+def _check_unpack(values: Tensor, cu_seqlens: Tensor, length: int, pad_value: float) -> None:
     common.check_tensor(values, "values")
     if values.dim() < 1:
         raise ValueError("values must have shape [T, ...], got a 0-d tensor")
     common.check_cu_seqlens(cu_seqlens, values, "values")
     if length < 1:
         raise ValueError(f"length must be >= 1, got {length}")
+    common.check_fill_value(pad_value, values.dtype, "pad_value")
 
 
 UNPACK = Op("unpack", subject=lambda values, cu, length, pad: values,
@@ -183,7 +186,7 @@ def _unpack_triton(values, cu_seqlens, length, pad_value):
 
 @torch.library.custom_op("adaptok::unpack", mutates_args=())
 def _unpack_op(values: Tensor, cu_seqlens: Tensor, length: int, pad_value: float) -> Tensor:
-    _check_unpack(values, cu_seqlens, length)
+    _check_unpack(values, cu_seqlens, length, pad_value)
     values, cu_seqlens = values.contiguous(), cu_seqlens.contiguous()
     impl = UNPACK.select(values, cu_seqlens, length, pad_value)
     if common.check_values_in_python(impl, cu_seqlens):
@@ -194,7 +197,7 @@ def _unpack_op(values: Tensor, cu_seqlens: Tensor, length: int, pad_value: float
 
 @_unpack_op.register_fake
 def _(values, cu_seqlens, length, pad_value):
-    _check_unpack(values, cu_seqlens, length)
+    _check_unpack(values, cu_seqlens, length, pad_value)
     return values.new_empty((cu_seqlens.shape[0] - 1, length, *values.shape[1:]))
 
 
@@ -219,13 +222,16 @@ def unpack(values: Tensor, cu_seqlens: Tensor, length: int, pad_value: float = 0
         values: ``[T, *F]`` packed sequences.
         cu_seqlens: int32 ``[B + 1]``.
         length: padded length ``L`` (host int), at least the longest sequence.
-        pad_value: value of the rows past each sequence's end.
+        pad_value: value of the rows past each sequence's end, representable
+            in values' dtype (a finite value past its range is a ValueError;
+            inf and NaN are allowed).
 
     Returns:
         ``[B, L, *F]``.
     """
     common.check_tensors(values=values, cu_seqlens=cu_seqlens)
-    return torch.ops.adaptok.unpack(values, cu_seqlens, length, float(pad_value))
+    return torch.ops.adaptok.unpack(values, cu_seqlens, common.host_int(length, "length", 1),
+                                    common.host_float(pad_value, "pad_value"))
 
 
 # ----------------------------------------------------------------------- cls_tokens
@@ -327,6 +333,8 @@ def _check_select(values: Tensor, cu_seqlens: Tensor, seq_idx: Tensor, cu_seqlen
             f"seq_idx must be 1-D with one entry per output sequence ({cu_seqlens_out.shape[0] - 1}), got shape {tuple(seq_idx.shape)}"
         )
     common.check_same_device(seq_idx, "seq_idx", values, "values")
+    if not isinstance(total_out, torch.SymInt) and total_out < 0:
+        raise ValueError(f"total_out must be >= 0 (the output token count), got {total_out}")
 
 
 def _check_select_values(values, cu_seqlens, seq_idx, cu_seqlens_out, total_out):
@@ -425,4 +433,5 @@ def select_sequences(values: Tensor, cu_seqlens: Tensor, seq_idx: Tensor, cu_seq
         ``cu_seqlens_out`` and ``total_out`` for you.
     """
     common.check_tensors(values=values, cu_seqlens=cu_seqlens, seq_idx=seq_idx, cu_seqlens_out=cu_seqlens_out)
-    return torch.ops.adaptok.select_sequences(values, cu_seqlens, seq_idx, cu_seqlens_out, total_out)
+    return torch.ops.adaptok.select_sequences(values, cu_seqlens, seq_idx, cu_seqlens_out,
+                                              common.host_int(total_out, "total_out"))

@@ -18,10 +18,10 @@ sync) on every backend. Group ids come from the device unchecked on a GPU
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..backends import Op
@@ -70,8 +70,8 @@ def _check(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias
         if groups is not None and p.shape[0] != groups:
             raise ValueError(f"weight and bias must have the same number of groups, got {groups} and {p.shape[0]}")
         groups = p.shape[0]
-    if not eps >= 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+    if not (eps >= 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be finite and >= 0, got {eps}")
 
 
 def _groups(weight, bias) -> int:
@@ -112,9 +112,10 @@ def _outputs(x: Tensor, residual: Optional[Tensor]):
 @SEGMENT_LAYER_NORM.register("torch")
 def segment_layer_norm_reference(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
                                  bias: Optional[Tensor], cu_seqlens: Tensor, group: Tensor, eps: float):
-    """Plain PyTorch, one sequence at a time (reads offsets and groups on the
-    host): ``F.layer_norm`` in fp32 (fp64 for fp64 inputs) with the
-    sequence's weight and bias rows.
+    """Plain PyTorch in fp32 (fp64 for fp64 inputs): two-pass statistics,
+    then each sequence's weight and bias rows (reads offsets and groups on
+    the host). A row whose variance overflows the compute dtype is NaN, as
+    in every kernel (``F.layer_norm`` returns 0 there: finite and wrong).
 
     Returns:
         ``y [T, C]``, ``h [T, C]`` (``[0, C]`` without a residual), and fp32
@@ -122,15 +123,19 @@ def segment_layer_norm_reference(x: Tensor, residual: Optional[Tensor], weight: 
     """
     compute = torch.promote_types(x.dtype, torch.float32)
     h = x.to(compute) + residual.to(compute) if residual is not None else x.to(compute)
-    y = torch.empty_like(x, memory_format=torch.contiguous_format)
-    bounds, groups = cu_seqlens.tolist(), group.tolist()
-    for s, e, g in zip(bounds[:-1], bounds[1:], groups):
-        w = weight[g].to(compute) if weight is not None else None
-        b = bias[g].to(compute) if bias is not None else None
-        y[s:e] = F.layer_norm(h[s:e], (x.shape[1],), w, b, eps).to(x.dtype)
-    var, mean = torch.var_mean(h, dim=1, correction=0)
+    mean = h.mean(1)
+    d = h - mean[:, None]
+    var = (d * d).mean(1)
+    rstd = torch.where(var.isinf(), float("nan"), torch.rsqrt(var + eps))
+    y = d * rstd[:, None]
+    if weight is not None or bias is not None:
+        rows = group.long()[common.seq_ids(cu_seqlens, x.shape[0])]
+        if weight is not None:
+            y = y * weight.to(compute)[rows]
+        if bias is not None:
+            y = y + bias.to(compute)[rows]
     h_out = h.to(x.dtype) if residual is not None else x.new_empty((0, x.shape[1]))
-    return y, h_out, mean, torch.rsqrt(var + eps)
+    return y.to(x.dtype), h_out, mean, rstd
 
 
 @SEGMENT_LAYER_NORM.register("cuda", dtypes=_FLOATS, ext_op="ext_segment_layer_norm")
@@ -248,5 +253,6 @@ def segment_layer_norm(x: Tensor, cu_seqlens: Tensor, group: Tensor, weight: Opt
         torch.Size([247, 384])
     """
     common.check_tensors(x=x, cu_seqlens=cu_seqlens, group=group)
-    y, h, _, _ = torch.ops.adaptok.segment_layer_norm(x, residual, weight, bias, cu_seqlens, group, float(eps))
+    eps = common.host_float(eps, "eps")
+    y, h, _, _ = torch.ops.adaptok.segment_layer_norm(x, residual, weight, bias, cu_seqlens, group, eps)
     return (y, h) if residual is not None else y

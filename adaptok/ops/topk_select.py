@@ -59,26 +59,31 @@ def output_lengths(lengths: Sequence[int], keep: Sequence[int], fuse: bool) -> l
 
 
 def _check_keep_rate(keep_rate) -> float:
-    if isinstance(keep_rate, bool) or not isinstance(keep_rate, (int, float)):
-        raise TypeError(f"keep_rate must be a float in (0, 1], got {type(keep_rate).__name__}")
+    keep_rate = common.host_float(keep_rate, "keep_rate")
     if not 0.0 < keep_rate <= 1.0:  # also rejects NaN
         raise ValueError(f"keep_rate must be in (0, 1], got {keep_rate}")
-    return float(keep_rate)
+    return keep_rate
 
 
-def _host_keep(keep, lengths: Sequence[int]) -> list[int]:
-    """``keep`` (ints, or an integer tensor: a device tensor is read once) as
-    host ints, each in ``[0, N_b - 1]``."""
+def _host_keep(keep, lengths: Sequence[int], device: torch.device) -> list[int]:
+    """``keep`` (ints, or an integer tensor on the CPU or on ``device``: a
+    device tensor is read once) as host ints, each in ``[0, N_b - 1]``."""
     if isinstance(keep, Tensor):
         if keep.dim() != 1 or keep.dtype.is_floating_point or keep.dtype == torch.bool:
             raise TypeError(f"keep must be a 1-D integer tensor, got {keep.dtype} of shape {tuple(keep.shape)}")
+        if keep.device.type != "cpu" and keep.device != device:
+            raise ValueError(f"keep must be on the CPU or on x's device ({device}), got {keep.device}")
         keep = keep.tolist()
+    elif isinstance(keep, (str, bytes)) or not hasattr(keep, "__len__"):
+        raise TypeError(f"keep must be ints (one per sequence) or a 1-D integer tensor, got {type(keep).__name__}")
     keep = list(keep)
     if len(keep) != len(lengths):
         raise ValueError(f"keep must have one entry per sequence ({len(lengths)}), got {len(keep)}")
     for b, (k, n) in enumerate(zip(keep, lengths)):
-        if isinstance(k, bool) or not isinstance(k, int):
-            raise TypeError(f"keep must hold ints, got {k!r} at index {b}")
+        try:
+            k = keep[b] = common.host_int(k, f"keep[{b}]", -common.INT32_MAX)
+        except TypeError:
+            raise TypeError(f"keep must hold ints, got {k!r} at index {b}") from None
         if not 0 <= k <= n - 1:
             raise ValueError(f"keep[{b}] = {k} must lie in [0, N_b - 1 = {n - 1}] for sequence {b} of {n} tokens")
     return keep
@@ -121,7 +126,7 @@ def _check_values(x, cu_seqlens, keep, cu_seqlens_out, total_out, max_seqlen, fu
     common.check_cu_seqlens_values(cu_seqlens, x.shape[0], total_name="x.shape[0]")
     common.check_max_len(cu_seqlens, max_seqlen, "max_seqlen")
     lengths = cu_seqlens.diff().tolist()
-    keep = _host_keep(keep, lengths)
+    keep = _host_keep(keep, lengths, x.device)
     common.check_cu_seqlens_values(cu_seqlens_out, total_out, name="cu_seqlens_out", total_name="total_out")
     expected = output_lengths(lengths, keep, fuse)
     for b, (m, e) in enumerate(zip(cu_seqlens_out.diff().tolist(), expected)):
@@ -356,7 +361,7 @@ def select_tokens(x, cu_seqlens, max_seqlen, cls_attn, keep_rate, keep, fuse, re
         raise ValueError(f"every sequence needs at least one token, got lengths {lengths}")
     if max(lengths) > max_seqlen:
         raise ValueError(f"cu_seqlens holds a sequence of {max(lengths)} tokens, more than max_seqlen = {max_seqlen}")
-    counts = keep_counts(lengths, _check_keep_rate(keep_rate)) if keep is None else _host_keep(keep, lengths)
+    counts = keep_counts(lengths, _check_keep_rate(keep_rate)) if keep is None else _host_keep(keep, lengths, x.device)
     out_lengths = output_lengths(lengths, counts, fuse)
     offsets = [0]
     for m in out_lengths:

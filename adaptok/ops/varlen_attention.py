@@ -28,7 +28,6 @@ served by the backends of :mod:`adaptok.backends`:
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -78,8 +77,7 @@ def _check(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
     common.check_cu_seqlens(cu_seqlens, q, "q")
     if max_seqlen < 1:
         raise ValueError(f"max_seqlen must be >= 1, got {max_seqlen}")
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
+    common.check_float32_scalar(scale, "scale")
 
 
 def _check_values(q: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> None:
@@ -89,6 +87,9 @@ def _check_values(q: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> None:
 
 
 def _triton_check(q, *args) -> Optional[str]:
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        # Measured: outputs ~1e9 off; fp16 and fp32 are exact there.
+        return "bf16 is wrong in the Triton interpreter (its bf16 tl.dot); bf16 runs compiled on a GPU"
     limit = _triton().MAX_HEAD_DIM
     if q.shape[-1] > limit:
         return f"head dim up to {limit}, got {q.shape[-1]}"
@@ -346,9 +347,13 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_se
     common.check_tensors(q=q, k=k, v=v, cu_seqlens=cu_seqlens)
     if q.dim() != 3:
         raise ValueError(f"q must have shape [T, H, D], got {tuple(q.shape)}")
-    if not isinstance(max_seqlen, (int, torch.SymInt)):
+    if isinstance(max_seqlen, torch.Tensor) or not isinstance(max_seqlen, (int, torch.SymInt)):
         raise TypeError(f"max_seqlen must be a host int (reading it from a tensor would sync), got {type(max_seqlen).__name__}")
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    max_seqlen = common.host_int(max_seqlen, "max_seqlen", 1)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0  # a head dim of 0 is refused by the op
+    else:
+        scale = common.host_float(scale, "scale")
     out, lse, cls = torch.ops.adaptok.varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, return_cls_attn)
     extra = ([lse] if return_lse else []) + ([cls.mean(0)] if return_cls_attn else [])
     return (out, *extra) if extra else out
