@@ -100,9 +100,11 @@ class RaggedBatch:
         batch = cu_seqlens.shape[0] - 1
         if common.check_values_now(cu_seqlens) and not torch.compiler.is_compiling():
             common.check_cu_seqlens_values(cu_seqlens, values.shape[0], total_name="values.shape[0]")
-            longest = int(cu_seqlens.diff().max())
-            if longest > max_seqlen:
-                raise ValueError(f"max_seqlen = {max_seqlen} is smaller than the longest sequence ({longest} tokens)")
+            actual = tuple(cu_seqlens.diff().tolist())
+            if max(actual) > max_seqlen:
+                raise ValueError(f"max_seqlen = {max_seqlen} is smaller than the longest sequence ({max(actual)} tokens)")
+            if lengths is not None and tuple(lengths) != actual:
+                raise ValueError(f"lengths {tuple(lengths)} do not match cu_seqlens (lengths {actual})")
         grid = _grid_tags(grid, batch, values.device)
         self.values = values
         self.cu_seqlens = cu_seqlens
@@ -111,12 +113,15 @@ class RaggedBatch:
         self._lengths = tuple(lengths) if lengths is not None else None
 
     @classmethod
-    def _unchecked(cls, values: Tensor, lengths: Sequence[int], grid: Optional[Tensor] = None) -> "RaggedBatch":
-        """A batch over ``values`` with host ``lengths``, built without
-        checks: for callers that derived the lengths from shapes."""
+    def _unchecked(cls, values: Tensor, lengths: Sequence[int], grid: Optional[Tensor] = None,
+                   cu_seqlens: Optional[Tensor] = None) -> "RaggedBatch":
+        """A batch over ``values`` with host ``lengths`` (and their
+        ``cu_seqlens``, built from them unless given), without checks: for
+        callers that derived the lengths from shapes."""
         out = cls.__new__(cls)
+        cu = cu_seqlens if cu_seqlens is not None else _cu_from_lengths(lengths, values.device)
         out.values, out.cu_seqlens, out.max_seqlen, out.grid, out._lengths = (
-            values, _cu_from_lengths(lengths, values.device), max(lengths), grid, tuple(lengths))
+            values, cu, max(lengths), grid, tuple(lengths))
         return out
 
     # ------------------------------------------------------------ constructors
@@ -283,9 +288,12 @@ class RaggedBatch:
         ``kept_index [T_out]``, the row of ``values`` each output row copies
         (-1 for fused rows). ``grid`` carries over.
         """
+        # Host lengths of a batch are checked against its cu_seqlens when it is
+        # built (or derived from shapes), so the op need not read them again.
         values, cu_out, lengths, kept_index = select_tokens(
-            self.values, self.cu_seqlens, self.max_seqlen, cls_attn, keep_rate, keep, fuse, renormalize, self.lengths)
-        return RaggedBatch(values, cu_out, max(lengths), self.grid, lengths=lengths), kept_index
+            self.values, self.cu_seqlens, self.max_seqlen, cls_attn, keep_rate, keep, fuse, renormalize, self.lengths,
+            lengths_checked=True)
+        return RaggedBatch._unchecked(values, lengths, self.grid, cu_out), kept_index
 
     def to(self, *args, **kwargs) -> "RaggedBatch":
         """Move or cast ``values`` (``cu_seqlens`` and ``grid`` follow its device)."""

@@ -28,6 +28,7 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import operator
@@ -186,16 +187,21 @@ def _dense_runs(q: Tensor, k: Tensor, v: Tensor, x: RaggedBatch, scale: float, d
     for start, count, n in runs:
         qr, kr, vr = (t[start:start + count * n].view(count, n, H, D).transpose(1, 2) for t in (q, k, v))
         if matmul_attention_pays(q.device, q.dtype, count, H, n):
-            probs = (qr @ kr.transpose(-1, -2)).to(stat).mul_(scale).softmax(-1)  # [count, H, n, n]
+            # q is scaled first (exact for a power-of-2 scale: head dims 16, 64,
+            # 256); the softmax computes in fp32 and rounds the probabilities
+            # to bf16 for the P V matmul, the CLS rows are kept in fp32.
+            scores = (qr * scale) @ kr.transpose(-1, -2)  # [count, H, n, n]
             if need_cls:
-                cls.append(probs[:, :, 0].mean(1).reshape(count * n))
+                cls.append(scores[:, :, 0].softmax(-1, dtype=stat).mean(1).reshape(count * n))
+            probs = scores.softmax(-1)
             if dropout > 0:
                 probs = F.dropout(probs, dropout)
-            o = (probs.to(vr.dtype) @ vr).transpose(1, 2)
+            o = (probs @ vr).transpose(1, 2)
         else:
             o = F.scaled_dot_product_attention(qr, kr, vr, dropout_p=dropout, scale=scale).transpose(1, 2)
             if need_cls:
-                with torch.autocast(q.device.type, enabled=False):
+                autocast = torch.is_autocast_enabled(q.device.type)
+                with torch.autocast(q.device.type, enabled=False) if autocast else contextlib.nullcontext():
                     scores = (qr[:, :, :1].to(stat) @ kr.to(stat).transpose(-1, -2)) * scale  # [count, H, 1, n]
                 cls.append(scores.softmax(-1).mean(1).reshape(count * n))
         if out is None:
@@ -567,12 +573,15 @@ class AdaptiveViTMixin:
 
     def _forward_tokens(self, x: Tensor, grid) -> tuple[RaggedBatch, Optional[list]]:
         batch, order = self.embed(x, grid)
+        # Parity on a uniform batch: every block is timm's on the [B, N, C]
+        # view, so the blocks take that tensor (no per-block RaggedBatch).
+        h = batch.values.view(batch.batch_size, batch.max_seqlen, -1) if (
+            self._adaptok_keep_rate is None and batch.is_uniform) else batch
+        checkpoint = self.grad_checkpointing and self.training and not torch.jit.is_scripting()
         for blk in self.blocks:
-            if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
-                batch = torch.utils.checkpoint.checkpoint(blk, batch, use_reentrant=False)
-            else:
-                batch = blk(batch)
-        return batch.with_values(self.norm(batch.values)), order
+            h = torch.utils.checkpoint.checkpoint(blk, h, use_reentrant=False) if checkpoint else blk(h)
+        values = h.values if isinstance(h, RaggedBatch) else h.reshape(batch.values.shape)
+        return batch.with_values(self.norm(values)) if isinstance(h, Tensor) else h.with_values(self.norm(values)), order
 
     def forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False, *,
                          grid=None):

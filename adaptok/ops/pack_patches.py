@@ -154,11 +154,13 @@ def _pack_patches_triton(patches, pos, prefix):
 # ------------------------------------------------------------------- custom op
 
 
-@torch.library.custom_op("adaptok::pack_patches", mutates_args=())
-def _pack_patches_op(patches: list[Tensor], pos: list[Tensor], prefix: Optional[Tensor]) -> Tensor:
+def _pack_patches_body(patches: list[Tensor], pos: list[Tensor], prefix: Optional[Tensor]) -> Tensor:
     _check(patches, pos, prefix)
     args = (list(patches), [t.contiguous() for t in pos], None if prefix is None else prefix.contiguous())
     return PACK_PATCHES(*args)
+
+
+_pack_patches_op = torch.library.custom_op("adaptok::pack_patches", mutates_args=())(_pack_patches_body)
 
 
 @_pack_patches_op.register_fake
@@ -238,4 +240,7 @@ def pack_patches(patches: Sequence[Tensor], pos: Optional[Sequence[Tensor]] = No
             common.check_tensor(t, f"{name}[{g}]")
     if prefix is not None:
         common.check_tensor(prefix, "prefix")
-    return torch.ops.adaptok.pack_patches(list(patches), list(pos or []), prefix)
+    patches, pos = list(patches), list(pos or [])
+    if not common.dispatcher_needed(*patches, *pos, prefix):
+        return _pack_patches_body(patches, pos, prefix)
+    return torch.ops.adaptok.pack_patches(patches, pos, prefix)

@@ -217,9 +217,8 @@ def _topk_select_triton(x, cu_seqlens, cls_attn, keep, cu_seqlens_out, total_out
 # ------------------------------------------------------------------- custom op
 
 
-@torch.library.custom_op("adaptok::topk_select", mutates_args=())
-def _topk_select_op(x: Tensor, cu_seqlens: Tensor, cls_attn: Tensor, keep: Tensor, cu_seqlens_out: Tensor,
-                    total_out: int, max_seqlen: int, fuse: bool, renormalize: bool) -> tuple[Tensor, Tensor]:
+def _topk_select_body(x: Tensor, cu_seqlens: Tensor, cls_attn: Tensor, keep: Tensor, cu_seqlens_out: Tensor,
+                      total_out: int, max_seqlen: int, fuse: bool, renormalize: bool) -> tuple[Tensor, Tensor]:
     _check(x, cu_seqlens, cls_attn, keep, cu_seqlens_out, total_out, max_seqlen)
     if x.stride(1) != 1:
         x = x.contiguous()
@@ -229,6 +228,9 @@ def _topk_select_op(x: Tensor, cu_seqlens: Tensor, cls_attn: Tensor, keep: Tenso
     if common.check_values_in_python(impl, cu_seqlens):
         _check_values(x, cu_seqlens, keep, cu_seqlens_out, total_out, max_seqlen, fuse)
     return impl.fn(*args)
+
+
+_topk_select_op = torch.library.custom_op("adaptok::topk_select", mutates_args=())(_topk_select_body)
 
 
 @_topk_select_op.register_fake
@@ -332,9 +334,13 @@ def topk_select(x: Tensor, cu_seqlens: Tensor, max_seqlen: int, cls_attn: Tensor
     return x_out, cu_out, max(out_lengths), kept_index
 
 
-def select_tokens(x, cu_seqlens, max_seqlen, cls_attn, keep_rate, keep, fuse, renormalize, lengths):
+def select_tokens(x, cu_seqlens, max_seqlen, cls_attn, keep_rate, keep, fuse, renormalize, lengths,
+                  lengths_checked: bool = False):
     """:func:`topk_select` that returns the output lengths as host ints
-    (instead of their maximum), for :meth:`adaptok.RaggedBatch.topk_select`."""
+    (instead of their maximum), for :meth:`adaptok.RaggedBatch.topk_select`.
+    ``lengths_checked``: the caller guarantees that ``lengths`` are those of
+    ``cu_seqlens`` (a :class:`RaggedBatch` checked them when it was built),
+    so the offsets are not read back on the host again."""
     common.check_tensors(x=x, cu_seqlens=cu_seqlens, cls_attn=cls_attn)
     common.check_cu_seqlens(cu_seqlens, x, "x")
     if (keep_rate is None) == (keep is None):
@@ -344,7 +350,8 @@ def select_tokens(x, cu_seqlens, max_seqlen, cls_attn, keep_rate, keep, fuse, re
     if not cls_attn.is_floating_point():
         raise TypeError(f"cls_attn must be floating point, got {cls_attn.dtype}")
     batch = cu_seqlens.shape[0] - 1
-    if common.check_values_now(cu_seqlens) and not torch.compiler.is_compiling():
+    recheck = common.check_values_now(cu_seqlens) and not torch.compiler.is_compiling() and not lengths_checked
+    if recheck:
         common.check_cu_seqlens_values(cu_seqlens, x.shape[0], total_name="x.shape[0]")
     if lengths is None:
         lengths = cu_seqlens.diff().tolist()
@@ -354,8 +361,7 @@ def select_tokens(x, cu_seqlens, max_seqlen, cls_attn, keep_rate, keep, fuse, re
             raise ValueError(f"lengths must have one entry per sequence ({batch}), got {len(lengths)}")
         if sum(lengths) != x.shape[0]:
             raise ValueError(f"lengths must sum to x.shape[0] = {x.shape[0]}, got {sum(lengths)}")
-        if (common.check_values_now(cu_seqlens) and not torch.compiler.is_compiling()
-                and lengths != cu_seqlens.diff().tolist()):
+        if recheck and lengths != cu_seqlens.diff().tolist():
             raise ValueError(f"lengths must match cu_seqlens, got {lengths} for {cu_seqlens.diff().tolist()}")
     if min(lengths) < 1:
         raise ValueError(f"every sequence needs at least one token, got lengths {lengths}")
@@ -369,6 +375,6 @@ def select_tokens(x, cu_seqlens, max_seqlen, cls_attn, keep_rate, keep, fuse, re
     cu_out = torch.tensor(offsets, dtype=torch.int32).to(x.device, non_blocking=True)
     keep_t = torch.tensor(counts, dtype=torch.int32).to(x.device, non_blocking=True)
     cls_attn = cls_attn.to(torch.promote_types(x.dtype, torch.float32))
-    x_out, kept_index = torch.ops.adaptok.topk_select(x, cu_seqlens, cls_attn, keep_t, cu_out, offsets[-1],
-                                                      max_seqlen, fuse, renormalize)
+    op = torch.ops.adaptok.topk_select if common.dispatcher_needed(x, cls_attn) else _topk_select_body
+    x_out, kept_index = op(x, cu_seqlens, cls_attn, keep_t, cu_out, offsets[-1], max_seqlen, fuse, renormalize)
     return x_out, cu_out, out_lengths, kept_index
