@@ -152,23 +152,26 @@ def macs(model: nn.Module, grid: Optional[int] = None) -> int:
 
 def matmul_attention_pays(device: torch.device, dtype: torch.dtype, sequences: int, heads: int, n: int) -> bool:
     """Whether attention over ``sequences`` x ``heads`` rows of ``n`` tokens
-    runs faster as explicit ``softmax(q k^T) v`` matmuls than through SDPA.
+    runs faster as explicit ``softmax((scale q) k^T) v`` matmuls than
+    through SDPA.
 
     Measured on the CPU (2 cores, AVX-512 BF16, torch 2.14, head dim 64, 6
-    heads, medians of 30 calls; the table is in ``docs/vit.md``): in bf16
-    the matmuls take 0.25-0.6x SDPA's time up to about 4 M score elements
-    (32 images of 140 tokens, 8 of 197) and 1.8x beyond (32 of 197). In
-    fp32 they gain at most 20 % in a narrow band and lose 2.3x just past it,
-    so fp32 (and fp16, not measured) keep SDPA, as does CUDA (its fused
-    kernels; no GPU measurement yet)."""
+    heads, 20 paired calls; the table is in ``docs/vit.md``): in bf16 the
+    matmuls take 0.36-0.8x SDPA's time for every batch at up to 140 tokens,
+    and 0.54x for one image of 197 tokens, but 0.97-1.09x for 8 to 64 images
+    of 197 tokens. In fp32 they gain at most 20 % in a narrow band and lose
+    up to 2.8x just past it, so fp32 (and fp16, not measured) keep SDPA, as
+    does CUDA (its fused kernels; no GPU measurement yet)."""
     if device.type != "cpu" or dtype != torch.bfloat16:
         return False
-    return sequences * heads * n * n <= MATMUL_ATTENTION_MAX_SCORES
+    return n <= MATMUL_ATTENTION_MAX_TOKENS or sequences * heads * n * n <= MATMUL_ATTENTION_MAX_SCORES
 
 
-# The largest [b, H, n, n] score tensor (elements) the CPU bf16 matmul path
-# is chosen for (see matmul_attention_pays).
-MATMUL_ATTENTION_MAX_SCORES = 4_000_000
+# The CPU bf16 matmul path (see matmul_attention_pays) serves sequences of up
+# to this many tokens at any batch, and longer ones while the [b, H, n, n]
+# score tensor holds at most MATMUL_ATTENTION_MAX_SCORES elements.
+MATMUL_ATTENTION_MAX_TOKENS = 160
+MATMUL_ATTENTION_MAX_SCORES = 1_000_000
 
 
 def _dense_runs(q: Tensor, k: Tensor, v: Tensor, x: RaggedBatch, scale: float, dropout: float,

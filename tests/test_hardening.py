@@ -401,12 +401,14 @@ def test_bf16_matmul_attention_path_matches_sdpa(monkeypatch, keep_rate):
     assert not vit.matmul_attention_pays(torch.device("cpu"), torch.float32, 1, 6, 197)
     assert not vit.matmul_attention_pays(torch.device("cuda"), torch.bfloat16, 1, 6, 197)
     assert not vit.matmul_attention_pays(torch.device("cpu"), torch.bfloat16, 32, 6, 197)
+    assert vit.matmul_attention_pays(torch.device("cpu"), torch.bfloat16, 64, 6, 140)
     x = torch.randn(3, 3, 64, 64)
     grid = [2, 4, 3] if keep_rate is None else None
     expected = adaptok.patch(tiny(), keep_rate=keep_rate, prune_layers=(1,))(x, grid=grid)
     model = adaptok.patch(tiny().to(torch.bfloat16), keep_rate=keep_rate, prune_layers=(1,))
     matmul = model(x.bfloat16(), grid=grid)
     monkeypatch.setattr(vit, "MATMUL_ATTENTION_MAX_SCORES", 0)
+    monkeypatch.setattr(vit, "MATMUL_ATTENTION_MAX_TOKENS", 0)
     sdpa = model(x.bfloat16(), grid=grid)
     for out in (matmul, sdpa):
         torch.testing.assert_close(out.float(), expected, rtol=0.1, atol=0.1)
@@ -424,6 +426,7 @@ def test_matmul_path_class_attention_equals_sdpa_path(monkeypatch):
     x = RaggedBatch.from_list([torch.zeros(n, 1) for n in lengths])
     out_m, cls_m = vit._dense_runs(q, k, v, x, 0.25, 0.0, True)
     monkeypatch.setattr(vit, "MATMUL_ATTENTION_MAX_SCORES", 0)
+    monkeypatch.setattr(vit, "MATMUL_ATTENTION_MAX_TOKENS", 0)
     out_s, cls_s = vit._dense_runs(q, k, v, x, 0.25, 0.0, True)
     torch.testing.assert_close(cls_m, cls_s, rtol=2e-2, atol=1e-3)
     torch.testing.assert_close(out_m.float(), out_s.float(), rtol=2e-2, atol=2e-2)
