@@ -158,8 +158,10 @@ def matmul_attention_pays(device: torch.device, dtype: torch.dtype, sequences: i
     Measured on the CPU (2 cores, AVX-512 BF16, torch 2.14, head dim 64, 6
     heads, 20 paired calls; the table is in ``docs/vit.md``): in bf16 the
     matmuls take 0.36-0.8x SDPA's time for every batch at up to 140 tokens,
-    and 0.54x for one image of 197 tokens, but 0.97-1.09x for 8 to 64 images
-    of 197 tokens. In fp32 they gain at most 20 % in a narrow band and lose
+    0.54x for one image of 197 tokens and 0.97-1.09x for 8 to 64 images of
+    197; inside DeiT-S at 32 images, SDPA's four 197-token blocks took 86 ms
+    where the public EViT code's matmuls took about 30 ms (profiled), so the
+    matmuls serve every ViT length (up to 256 tokens). In fp32 they gain at most 20 % in a narrow band and lose
     up to 2.8x just past it, so fp32 (and fp16, not measured) keep SDPA, as
     does CUDA (its fused kernels; no GPU measurement yet)."""
     if device.type != "cpu" or dtype != torch.bfloat16:
@@ -170,7 +172,7 @@ def matmul_attention_pays(device: torch.device, dtype: torch.dtype, sequences: i
 # The CPU bf16 matmul path (see matmul_attention_pays) serves sequences of up
 # to this many tokens at any batch, and longer ones while the [b, H, n, n]
 # score tensor holds at most MATMUL_ATTENTION_MAX_SCORES elements.
-MATMUL_ATTENTION_MAX_TOKENS = 160
+MATMUL_ATTENTION_MAX_TOKENS = 256
 MATMUL_ATTENTION_MAX_SCORES = 1_000_000
 
 

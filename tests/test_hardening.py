@@ -400,8 +400,8 @@ def test_bf16_matmul_attention_path_matches_sdpa(monkeypatch, keep_rate):
     assert vit.matmul_attention_pays(torch.device("cpu"), torch.bfloat16, 1, 6, 197)
     assert not vit.matmul_attention_pays(torch.device("cpu"), torch.float32, 1, 6, 197)
     assert not vit.matmul_attention_pays(torch.device("cuda"), torch.bfloat16, 1, 6, 197)
-    assert not vit.matmul_attention_pays(torch.device("cpu"), torch.bfloat16, 32, 6, 197)
-    assert vit.matmul_attention_pays(torch.device("cpu"), torch.bfloat16, 64, 6, 140)
+    assert vit.matmul_attention_pays(torch.device("cpu"), torch.bfloat16, 64, 6, 197)
+    assert not vit.matmul_attention_pays(torch.device("cpu"), torch.bfloat16, 64, 6, 577)
     x = torch.randn(3, 3, 64, 64)
     grid = [2, 4, 3] if keep_rate is None else None
     expected = adaptok.patch(tiny(), keep_rate=keep_rate, prune_layers=(1,))(x, grid=grid)
