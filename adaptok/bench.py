@@ -23,9 +23,10 @@ memory allocator is left as it is (glibc maps fresh pages for tensors over
 it reuse freed memory instead (:func:`adaptok.benchmarking.steady_allocator`).
 The GPU runs
 bfloat16 with 256 images (512 mixed); the CPU 32 images, in bfloat16 when it
-computes bf16 natively (AVX-512 BF16 or AMX), else float32. A 4096^2 matmul
-in the same dtype, timed in the same run, is the machine's ceiling: each
-variant's share of it is ``2 * MACs * images/s`` over its FLOP/s. Prints a
+computes bf16 natively (AVX-512 BF16 or AMX), else float32. The best of
+1024^2, 2048^2 and 4096^2 matmuls in the same dtype, timed in the same run, is
+the machine's ceiling: each variant's share of it is ``2 * MACs * images/s``
+over its FLOP/s. Prints a
 table and the targets (at batch size 1, every adaptok variant against the
 plain-PyTorch path doing the same work), and writes ``adaptok-bench.json`` (device, versions,
 commit, every sample's median and spread) and ``adaptok-bench.png``
@@ -163,16 +164,20 @@ def measure(variants: list[Variant], device: torch.device, repeats: int, warmup:
     return samples
 
 
-def matmul_rate(device: torch.device, dtype: torch.dtype, size: int = 4096, repeats: int = 5) -> float:
-    """FLOP/s of a ``size`` x ``size`` matmul in ``dtype`` (median of
-    ``repeats`` calls): the machine's ceiling each variant is set against."""
-    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+def matmul_rate(device: torch.device, dtype: torch.dtype, sizes=(1024, 2048, 4096), repeats: int = 5) -> dict:
+    """FLOP/s of square matmuls in ``dtype`` (median of ``repeats`` calls per
+    size), and their best: the machine's ceiling each variant is set against
+    (``{"best": flops, "by_size": {n: flops}}``)."""
+    by_size = {}
     with torch.inference_mode():
-        for _ in range(2):
-            a @ b
-        synchronize(device)
-        seconds = summarize([time_once(lambda: a @ b, device) for _ in range(repeats)])["median_s"]
-    return 2 * size ** 3 / seconds
+        for n in sizes:
+            a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+            for _ in range(2):
+                a @ b
+            synchronize(device)
+            seconds = summarize([time_once(lambda: a @ b, device) for _ in range(repeats)])["median_s"]
+            by_size[n] = 2 * n ** 3 / seconds
+    return {"best": max(by_size.values()), "by_size": by_size}
 
 
 def cpu_has_bf16() -> bool:
@@ -191,13 +196,14 @@ def report(args, device, dtype, variants: list[Variant], samples: dict, peak: fl
         batch, single = summarize(samples[(v.name, "batch")]), summarize(samples[(v.name, "single")])
         rate = v.images / batch["median_s"]
         results.append({"variant": v.name, "family": v.family, "images": v.images, "gmacs_per_image": v.macs / 1e9,
-                        "batch": batch, "images_per_s": rate, "matmul_fraction": 2 * v.macs * rate / peak,
+                        "batch": batch, "images_per_s": rate, "matmul_fraction": 2 * v.macs * rate / peak["best"],
                         "single": single, "single_ms_per_image": 1e3 * single["median_s"] / v.single_images,
                         "single_images": v.single_images})
     out = {"environment": {**environment(device), "host_allocator": args.allocator}, "model": args.model,
            "checkpoint": args.checkpoint, "dtype": str(dtype).replace("torch.", ""), "batch": args.batch,
            "mix_batch": args.mix_batch, "mix": args.mix, "keep_rate": args.keep_rate, "compile": args.compile, "repeats": args.repeats,
-           "matmul_tflops": peak / 1e12, "results": results}
+           "matmul_tflops": peak["best"] / 1e12,
+           "matmul_tflops_by_size": {str(n): f / 1e12 for n, f in peak["by_size"].items()}, "results": results}
     out["paired_single"] = {f"{a}/{b}": paired(samples[(a, "single")], samples[(b, "single")])
                             for a, b in single_pairs(variants)}
     out["targets"] = targets(out, device.type == "cuda")
@@ -259,7 +265,8 @@ def table(rep: dict) -> str:
     lines = [f"{rep['model']} on {env['device']}, {rep['dtype']}, batch {rep['batch']} "
              f"({rep['mix_batch']} mixed: {rep['mix']:.0%} 7x7), torch {env['torch']}, adaptok {env['commit'][:12]}"
              f"{', compiled' if rep['compile'] else ''}; medians of {rep['repeats']} rounds",
-             f"matmul ceiling ({rep['dtype']}, 4096^2): {rep['matmul_tflops'] * 1e3:.0f} GFLOP/s",
+             f"matmul ceiling ({rep['dtype']}, best square matmul: "
+             + ", ".join(f"{n}^2 {t * 1e3:.0f}" for n, t in rep["matmul_tflops_by_size"].items()) + " GFLOP/s)",
              f"{'variant':24s} {'images/s':>9s} {'IQR %':>6s} {'GMACs/img':>9s} {'vs timm':>8s} {'% matmul':>8s} "
              f"{'bs1 ms/img':>10s} {'bs1 IQR %':>9s} {'bs1 vs timm':>11s}"]
     base = next(r for r in rep["results"] if r["variant"] == "timm")
