@@ -184,6 +184,8 @@ def dispatcher_needed(*tensors: Optional[torch.Tensor]) -> bool:
             continue
         if type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
             return True
+        if torch._C._functorch.is_functorch_wrapped_tensor(t):  # vmap, grad transforms
+            return True
         if grad and t.requires_grad:
             return True
     return False
