@@ -3,7 +3,8 @@
 ``import adaptok`` is cheap: it registers the ops, but never initializes CUDA,
 loads the compiled extension, compiles a Triton kernel or imports timm; those
 happen on the first call that needs them (``adaptok.patch`` and the rest of
-:mod:`adaptok.vit` load on first use).
+:mod:`adaptok.timm_vit` load on first use). The rooms, and the one path
+from images to logits, are described in ``docs/structure.md``.
 """
 __version__ = "0.1.0"
 
@@ -11,19 +12,25 @@ import importlib
 
 from . import nn, ops
 from .backends import BACKENDS, BackendError, backend
+from .errors import UnsupportedModelError
+from .layout import TokenLayout
 from .ops import topk_select, varlen_attention
 from .ragged import RaggedBatch
+from .train.schedules import keep_rate_schedule
 
-# Names served by adaptok.vit, which imports timm.
-_VIT = ("UnsupportedModelError", "keep_rate_schedule", "patch")
+# Served on first use (timm_vit imports timm; the packages import it lazily).
+_LAZY = {"patch": ("timm_vit", "patch"), "timm_vit": ("timm_vit", None), "models": ("models", None),
+         "bench": ("bench", None), "train": ("train", None)}
 
 
 def __getattr__(name):
-    if name == "vit" or name in _VIT:
-        vit = importlib.import_module(".vit", __name__)
-        return vit if name == "vit" else getattr(vit, name)
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        mod = importlib.import_module(f".{module}", __name__)
+        return mod if attr is None else getattr(mod, attr)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["BACKENDS", "BackendError", "RaggedBatch", "UnsupportedModelError", "backend", "keep_rate_schedule", "nn",
-           "ops", "patch", "topk_select", "varlen_attention", "vit", "__version__"]
+__all__ = ["BACKENDS", "BackendError", "RaggedBatch", "TokenLayout", "UnsupportedModelError", "backend", "bench",
+           "keep_rate_schedule", "models", "nn", "ops", "patch", "timm_vit", "topk_select", "train",
+           "varlen_attention", "__version__"]

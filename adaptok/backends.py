@@ -194,23 +194,40 @@ class Op:
         return wrap
 
     def why_not(self, backend: str, *args) -> Optional[str]:
-        """Why ``backend`` cannot serve ``args``, or ``None`` if it can."""
+        """Every reason ``backend`` cannot serve ``args``, joined by "; ", or
+        ``None`` if it can."""
+        reasons = list(self._refusals(backend, args))
+        return "; ".join(reasons) if reasons else None
+
+    def _refusals(self, backend: str, args):
+        """The reasons ``backend`` cannot serve ``args``, one at a time (so
+        that choosing a backend stops at the first)."""
         impl = self.impls.get(backend)
         if impl is None:
-            return f"no {backend} implementation of {self.name}"
-        reason = backend_unavailable(backend)
-        if reason is not None:
-            return reason
-        if impl.ext_op is not None and not _ext.has_op(impl.ext_op):
-            return f"extension lacks {impl.ext_op} (rebuild adaptok)"
+            yield f"no {backend} implementation of {self.name}"
+            return
+        missing = backend_unavailable(backend)
+        if missing is None and impl.ext_op is not None and not _ext.has_op(impl.ext_op):
+            missing = f"extension lacks {impl.ext_op} (rebuild adaptok)"
         t = self.subject(*args)
-        reason = _device_reason(backend, t.device)
-        if reason is not None:
-            return reason
-        if impl.dtypes is not None and t.dtype not in impl.dtypes:
+        elsewhere = _device_reason(backend, t.device)
+        wrong_dtype = impl.dtypes is not None and t.dtype not in impl.dtypes
+        for reason in (missing, elsewhere):
+            if reason is not None:
+                yield reason
+        if wrong_dtype:
             served = ", ".join(sorted(_dtype_name(d) for d in impl.dtypes))
-            return f"supports {served}, got {_dtype_name(t.dtype)}"
-        return impl.check(*args) if impl.check is not None else None
+            yield f"supports {served}, got {_dtype_name(t.dtype)}"
+        elif impl.check is not None and missing is None and elsewhere is None:
+            # The backend's own limits (head dims, sizes), asked only of a
+            # backend that runs here on this device.
+            reason = impl.check(*args)
+            if reason is not None:
+                yield reason
+
+    def serves(self, backend: str, *args) -> bool:
+        """Whether ``backend`` can serve ``args`` (:meth:`why_not` is None)."""
+        return next(self._refusals(backend, args), None) is None
 
     def reasons(self, *args) -> dict[str, Optional[str]]:
         """``{backend: reason or None}`` for every backend name."""
@@ -223,12 +240,12 @@ class Op:
         forced = _forced.get()
         if forced is not None:
             _check_name(forced)
-            if self.why_not(forced, *args) is None:
+            if self.serves(forced, *args):
                 return self.impls[forced]
             raise BackendError(self._report(f"backend {forced!r} is forced but cannot serve these inputs", args))
         device = self.subject(*args).device.type
         for name in self.preference.get(device, ("torch",)):
-            if unvalidated(self.name, name, device) is None and self.why_not(name, *args) is None:
+            if unvalidated(self.name, name, device) is None and self.serves(name, *args):
                 return self.impls[name]
         raise BackendError(self._report("no backend can serve these inputs", args))
 

@@ -8,41 +8,13 @@ one, else the CPU; float32 on the CPU, bfloat16 on a GPU).
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import platform
 
 import torch
 
 import adaptok
-from adaptok import _ext
 from adaptok.backends import BACKENDS, REGISTRY, backend_unavailable, forced_backend, triton_interpreted, unvalidated
-
-
-def _version(pkg: str) -> str:
-    try:
-        return importlib.metadata.version(pkg)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return f"{torch.cuda.get_device_name(device)} (sm_{major}{minor})"
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-
-
-def extension_status() -> str:
-    err = _ext.error()
-    if err is not None:
-        return err
-    info = _ext.build_info()
-    kinds = "CPU + CUDA kernels (archs " + info["cuda_archs"].replace("_", ", ") + ")" if info["cuda"] else "CPU kernels only"
-    return f"loaded: {kinds}, built against torch {info['torch']}"
+from adaptok.devices import default_device, device_name, extension_status, package_version
 
 
 def triton_status() -> str:
@@ -60,10 +32,10 @@ def report(device: torch.device, dtype: torch.dtype) -> str:
     lines = [
         f"adaptok {adaptok.__version__}",
         f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
-        f"timm {_version('timm')}",
+        f"timm {package_version('timm')}",
         f"device: {device_name(device)}",
         f"extension adaptok._C: {extension_status()}",
-        f"triton {_version('triton')}: {triton_status()}",
+        f"triton {package_version('triton')}: {triton_status()}",
         f"forced backend: {forced_backend() or 'none (automatic choice)'}",
         "",
         backend_table(device, dtype),

@@ -13,15 +13,10 @@ from .ops.topk_select import select_tokens
 IntSeq = Union[Sequence[int], Tensor]
 
 
-def _cu_from_lengths(lengths: Sequence[int], device) -> Tensor:
-    offsets = [0]
-    for n in lengths:
-        offsets.append(offsets[-1] + n)
-    return torch.tensor(offsets, dtype=torch.int32).to(device, non_blocking=True)
-
-
 def _host_lengths(lengths, name: str) -> Optional[tuple]:
     """``lengths`` as a tuple of ints if it lives on the host, else None."""
+    if type(lengths) in (tuple, list) and all(type(n) is int and abs(n) <= common.INT32_MAX for n in lengths):
+        return tuple(lengths)  # the common case, checked at once
     if isinstance(lengths, Tensor):
         if lengths.device.type != "cpu":
             return None
@@ -119,12 +114,33 @@ class RaggedBatch:
         ``cu_seqlens``, built from them unless given), without checks: for
         callers that derived the lengths from shapes."""
         out = cls.__new__(cls)
-        cu = cu_seqlens if cu_seqlens is not None else _cu_from_lengths(lengths, values.device)
+        cu = cu_seqlens if cu_seqlens is not None else common.cu_seqlens(lengths, values.device)
         out.values, out.cu_seqlens, out.max_seqlen, out.grid, out._lengths = (
             values, cu, max(lengths), grid, tuple(lengths))
         return out
 
     # ------------------------------------------------------------ constructors
+
+    @classmethod
+    def from_lengths(cls, values: Tensor, lengths: Sequence[int], grid: Optional[IntSeq] = None) -> "RaggedBatch":
+        """The batch over packed ``values [T, C]`` whose sequences have the
+        host ``lengths`` (ints >= 1 summing to T): ``cu_seqlens`` is built
+        from them without a device sync and nothing is read back."""
+        common.check_tensor(values, "values")
+        if values.dim() < 1:
+            raise ValueError("values must have shape [T, C], got a 0-d tensor")
+        host = _host_lengths(lengths, "lengths")
+        if host is None:
+            raise TypeError("lengths must be host ints (a list, tuple or CPU tensor); for device lengths build "
+                            "cu_seqlens and call RaggedBatch(values, cu_seqlens, max_seqlen)")
+        if not host:
+            raise ValueError("lengths must hold at least one sequence")
+        bad = [n for n in host if n < 1]
+        if bad:
+            raise ValueError(f"lengths must be >= 1 (every sequence holds a token), got {bad[0]}")
+        if sum(host) != values.shape[0]:
+            raise ValueError(f"lengths must sum to values.shape[0] = {values.shape[0]}, got {sum(host)}")
+        return cls._unchecked(values, host, _grid_tags(grid, len(host), values.device))
 
     @classmethod
     def from_list(cls, xs: Sequence[Tensor], grid: Optional[IntSeq] = None) -> "RaggedBatch":
@@ -142,7 +158,7 @@ class RaggedBatch:
                 )
         lengths = tuple(x.shape[0] for x in xs)
         values = torch.cat(list(xs))
-        return cls(values, _cu_from_lengths(lengths, values.device), max(lengths), grid, lengths=lengths)
+        return cls(values, common.cu_seqlens(lengths, values.device), max(lengths), grid, lengths=lengths)
 
     @classmethod
     def from_padded(cls, x: Tensor, lengths: IntSeq, grid: Optional[IntSeq] = None) -> "RaggedBatch":
@@ -161,7 +177,7 @@ class RaggedBatch:
             bad = [n for n in host if not 1 <= n <= x.shape[1]]
             if bad:
                 raise ValueError(f"lengths must lie in [1, x.shape[1] = {x.shape[1]}], got {bad[0]}")
-            cu = _cu_from_lengths(host, x.device)
+            cu = common.cu_seqlens(host, x.device)
             total, longest = sum(host), max(host)
         else:
             common.check_same_device(lengths, "lengths", x, "x")
@@ -259,7 +275,7 @@ class RaggedBatch:
             host_idx = tuple(i % batch for i in host_idx)
             lengths = tuple(self.lengths[i] for i in host_idx)
             idx = torch.tensor(host_idx, dtype=torch.int64).to(self.device, non_blocking=True)
-            cu_out = _cu_from_lengths(lengths, self.device)
+            cu_out = common.cu_seqlens(lengths, self.device)
             total, longest = sum(lengths), max(lengths)
         else:
             idx = torch.as_tensor(seq_idx, dtype=torch.int64, device=self.device)

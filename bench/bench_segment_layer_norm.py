@@ -29,6 +29,7 @@ import torch.nn.functional as F
 import adaptok
 from adaptok.backends import BACKENDS
 from adaptok.ops.segment_layer_norm import SEGMENT_LAYER_NORM
+from adaptok.ops.common import cu_seqlens as cu_seqlens_of
 
 from conftest import DEVICE, ON_GPU
 
@@ -61,7 +62,7 @@ def inputs(shape):
     x, residual = (torch.randn(T, CHANNELS, generator=g).to(DEVICE, DTYPE) for _ in range(2))
     weight = (1 + 0.1 * torch.randn(len(GRIDS), CHANNELS, generator=g)).to(DEVICE, DTYPE)
     bias = (0.1 * torch.randn(len(GRIDS), CHANNELS, generator=g)).to(DEVICE, DTYPE)
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    cu = cu_seqlens_of(lengths, DEVICE)
     group = torch.tensor([GRIDS.index(n) for n in grids], dtype=torch.int32, device=DEVICE)
     row_group = torch.repeat_interleave(group.long(), torch.tensor(lengths, device=DEVICE))
     return x, residual, weight, bias, cu, group, row_group, lengths

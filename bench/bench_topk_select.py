@@ -27,6 +27,7 @@ import torch
 import adaptok
 from adaptok.backends import BACKENDS
 from adaptok.ops.topk_select import TOPK_SELECT, keep_counts, output_lengths
+from adaptok.ops.common import cu_seqlens as cu_seqlens_of
 
 from conftest import DEVICE, ON_GPU
 
@@ -57,7 +58,7 @@ def inputs(shape):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(sum(lengths), CHANNELS, generator=g).to(DEVICE, DTYPE)
     scores = torch.cat([torch.randn(n, generator=g).softmax(0) for n in lengths]).to(DEVICE)
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    cu = cu_seqlens_of(lengths, DEVICE)
     return x, scores, cu, lengths
 
 
@@ -87,7 +88,7 @@ def provider_fn(provider, shape):
         name = provider.split()[1]
         keep = keep_counts(lengths, KEEP_RATE)
         out_lengths = output_lengths(lengths, keep, True)
-        cu_out = torch.tensor([0, *torch.tensor(out_lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+        cu_out = cu_seqlens_of(out_lengths, DEVICE)
         reason = TOPK_SELECT.why_not(name, x, cu, scores, torch.tensor(keep, dtype=torch.int32, device=DEVICE),
                                      cu_out, sum(out_lengths), max(lengths), True, False)
         if reason is None and name == "triton" and not ON_GPU and shape != SMOKE:

@@ -20,7 +20,7 @@ Shapes: D = 64, mixes of 50- and 197-token sequences. On a GPU, bf16, H = 6
 and 12, 64, 256 and 1024 images, all 50, all 197 and 50/50. On the CPU,
 fp32, H = 6, 64 images 50/50, plus a 4-image shape on which the Triton
 interpreter runs too (a check that it runs, not a timing). Each result carries
-its FLOPs and bytes (``adaptok.benchmarking.attention_work``);
+its FLOPs and bytes (``adaptok.bench.timing.attention_work``);
 ``bench/report.py`` turns the json into a table against the floors.
 """
 import functools
@@ -32,8 +32,9 @@ import torch.nn.functional as F
 
 import adaptok
 from adaptok.backends import BACKENDS
-from adaptok.benchmarking import attention_work
+from adaptok.bench.timing import attention_work
 from adaptok.ops.varlen_attention import VARLEN_ATTENTION
+from adaptok.ops.common import cu_seqlens as cu_seqlens_of
 
 from conftest import DEVICE, ON_GPU
 
@@ -68,7 +69,7 @@ def inputs(shape, backward):
     if backward:
         for t in (q, k, v):
             t.requires_grad_()
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    cu = cu_seqlens_of(lengths, DEVICE)
     return q, k, v, grad, cu, lengths
 
 

@@ -11,7 +11,8 @@ import functools
 import pytest
 import torch
 
-from adaptok.bench import build, cpu_has_bf16
+from adaptok.bench.e2e import build
+from adaptok.devices import cpu_has_bf16
 
 from conftest import DEVICE, ON_GPU
 

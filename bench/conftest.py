@@ -9,8 +9,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from adaptok.benchmarking import environment, steady_allocator  # noqa: E402
-from adaptok.info import default_device  # noqa: E402
+from adaptok.bench.timing import environment, steady_allocator  # noqa: E402
+from adaptok.devices import default_device  # noqa: E402
 
 DEVICE = default_device()
 ON_GPU = DEVICE.type == "cuda"

@@ -6,7 +6,7 @@ For every group (op, mode, shape): each provider's median time and
 interquartile range, its rate in TFLOP/s and GB/s (from the ``flops`` and
 ``bytes`` recorded with each result), the two floors (FLOPs over the peak
 tensor-core rate, bytes over the memory bandwidth; taken from
-``adaptok.benchmarking.PEAKS`` for known GPUs, or given on the command line),
+``adaptok.bench.timing.PEAKS`` for known GPUs, or given on the command line),
 and its speed relative to the fastest provider that is not adaptok.
 """
 import argparse
@@ -15,7 +15,7 @@ import sys
 from collections import defaultdict
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
-from adaptok.benchmarking import peaks  # noqa: E402
+from adaptok.bench.timing import peaks  # noqa: E402
 
 
 def load(path):

@@ -3,7 +3,7 @@
 // Semantics: pack_patches.h.
 //
 //   ext_pack_patches(patches G x [B_g, P_g, C] (any strides), pos G x [P_g, C]
-//                    or none, prefix [n, C]?, out [T, C])
+//                    or none, prefix G x [n_g, C] or none, out [T, C])
 //
 // CPU kernel: the work items are blocks of kTokens patch tokens of one image
 // (the first block of an image also copies its prefix rows), run in
@@ -20,7 +20,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <optional>
 #include <string>
 #include <vector>
 
@@ -38,8 +37,6 @@ namespace adaptok {
 namespace pack_patches {
 namespace {
 
-using OptTensor = std::optional<at::Tensor>;
-
 // Patch tokens per work item, and channels per tile of the transposed read
 // (multiples of 8, the transpose's block): the tile's two fp32 copies take
 // 16 KiB, leaving L1 room for the lines being read and written.
@@ -52,8 +49,34 @@ std::string indexed(const char* name, size_t i) {
   return std::string(name) + "[" + std::to_string(i) + "]";
 }
 
+// Checks the per-group tables pos or prefix: none, or one contiguous
+// [rows, C] tensor per group in the patches' dtype and device, with rows =
+// P_g for pos (rows_are_tokens) and any rows n_g >= 0 for prefix. Called
+// after patches[0] is checked.
+void check_tables(at::TensorList ts, const char* what, at::TensorList patches, bool rows_are_tokens) {
+  const at::Tensor& ref = patches[0];
+  const int64_t C = ref.size(2);
+  TORCH_CHECK_VALUE(ts.empty() || ts.size() == patches.size(), what, " must be empty or hold one table per group (",
+                    patches.size(), "), got ", ts.size());
+  for (size_t g = 0; g < ts.size(); ++g) {
+    const at::Tensor& t = ts[g];
+    const std::string name = indexed(what, g);
+    if (rows_are_tokens) {
+      TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == patches[g].size(1) && t.size(1) == C, name,
+                        " must have shape [P_g, C] = [", patches[g].size(1), ", ", C, "], got ", t.sizes());
+    } else {
+      TORCH_CHECK_VALUE(t.dim() == 2 && t.size(1) == C, name, " must have shape [n_g, C] with C = ", C, ", got ",
+                        t.sizes());
+    }
+    TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), name, " must have the dtype of patches (",
+                     ref.scalar_type(), "), got ", t.scalar_type());
+    check_contiguous(t, name.c_str());
+    check_same_device(t, name.c_str(), ref, "patches[0]");
+  }
+}
+
 // Checks every argument before any work; returns T (the rows out must have).
-int64_t check_args(at::TensorList patches, at::TensorList pos, const OptTensor& prefix,
+int64_t check_args(at::TensorList patches, at::TensorList pos, at::TensorList prefix,
                    const at::Tensor& out) {
   TORCH_CHECK_VALUE(!patches.empty(), "patches must hold at least one group");
   const at::Tensor& ref = patches[0];
@@ -62,15 +85,7 @@ int64_t check_args(at::TensorList patches, at::TensorList pos, const OptTensor& 
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
                    "patches[0] must be float32, float16 or bfloat16, got ", dtype);
   const int64_t C = ref.size(2);
-  if (prefix) {
-    TORCH_CHECK_VALUE(prefix->dim() == 2 && prefix->size(1) == C,
-                      "prefix must have shape [n, C] with C = ", C, ", got ", prefix->sizes());
-    TORCH_CHECK_TYPE(prefix->scalar_type() == dtype, "prefix must have the dtype of patches (", dtype,
-                     "), got ", prefix->scalar_type());
-    check_contiguous(*prefix, "prefix");
-    check_same_device(*prefix, "prefix", ref, "patches[0]");
-  }
-  const int64_t n = prefix ? prefix->size(0) : 0;
+  check_tables(prefix, "prefix", patches, /*rows_are_tokens=*/false);
   int64_t total = 0;
   for (size_t g = 0; g < patches.size(); ++g) {
     const at::Tensor& p = patches[g];
@@ -82,21 +97,9 @@ int64_t check_args(at::TensorList patches, at::TensorList pos, const OptTensor& 
     TORCH_CHECK_TYPE(p.scalar_type() == dtype, name, " must have the dtype of patches[0] (", dtype,
                      "), got ", p.scalar_type());
     check_same_device(p, name.c_str(), ref, "patches[0]");
-    total += p.size(0) * (n + p.size(1));
+    total += p.size(0) * ((prefix.empty() ? 0 : prefix[g].size(0)) + p.size(1));
   }
-  TORCH_CHECK_VALUE(pos.empty() || pos.size() == patches.size(),
-                    "pos must be empty or hold one table per group (", patches.size(), "), got ",
-                    pos.size());
-  for (size_t g = 0; g < pos.size(); ++g) {
-    const at::Tensor& t = pos[g];
-    const std::string name = indexed("pos", g);
-    TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == patches[g].size(1) && t.size(1) == C, name,
-                      " must have shape [P_g, C] = [", patches[g].size(1), ", ", C, "], got ", t.sizes());
-    TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, " must have the dtype of patches (", dtype,
-                     "), got ", t.scalar_type());
-    check_contiguous(t, name.c_str());
-    check_same_device(t, name.c_str(), ref, "patches[0]");
-  }
+  check_tables(pos, "pos", patches, /*rows_are_tokens=*/true);
   TORCH_CHECK_VALUE(out.dim() == 2 && out.size(0) == total && out.size(1) == C,
                     "out must have shape [T, C] = [", total, ", ", C, "], got ", out.sizes());
   TORCH_CHECK_TYPE(out.scalar_type() == dtype, "out must have the dtype of patches (", dtype, "), got ",
@@ -107,21 +110,21 @@ int64_t check_args(at::TensorList patches, at::TensorList pos, const OptTensor& 
 }
 
 // The groups' pointers and strides, and where each group's rows start.
-std::vector<PatchGroup> groups(at::TensorList patches, at::TensorList pos, int64_t n) {
+std::vector<PatchGroup> groups(at::TensorList patches, at::TensorList pos, at::TensorList prefix) {
   std::vector<PatchGroup> gs(patches.size());
   int64_t row = 0;
   for (size_t g = 0; g < patches.size(); ++g) {
     const at::Tensor& p = patches[g];
-    gs[g] = {p.data_ptr(), pos.empty() ? nullptr : pos[g].data_ptr(), p.size(0), p.size(1),
-             p.stride(0), p.stride(1), p.stride(2), row};
+    const int64_t n = prefix.empty() ? 0 : prefix[g].size(0);
+    gs[g] = {p.data_ptr(), pos.empty() ? nullptr : pos[g].data_ptr(), n > 0 ? prefix[g].data_ptr() : nullptr,
+             n, p.size(0), p.size(1), p.stride(0), p.stride(1), p.stride(2), row};
     row += p.size(0) * (n + p.size(1));
   }
   return gs;
 }
 
-PackOutput output(const OptTensor& prefix, const at::Tensor& out) {
-  return {prefix ? prefix->data_ptr() : nullptr, out.data_ptr(), prefix ? prefix->size(0) : 0,
-          out.size(1), out.size(0)};
+PackOutput output(const at::Tensor& out) {
+  return {out.data_ptr(), out.size(1), out.size(0)};
 }
 
 // ------------------------------------------------------------ CPU kernel
@@ -219,7 +222,7 @@ struct Block {
       : x(static_cast<const typename E::Raw*>(g.patches) + b * g.stride_b + j0 * g.stride_p),
         pos(g.pos == nullptr ? nullptr : static_cast<const typename E::Raw*>(g.pos) + j0 * o.channels),
         y(static_cast<typename E::Raw*>(o.out) +
-          (g.row0 + b * (o.prefix_rows + g.tokens) + o.prefix_rows + j0) * o.channels) {}
+          (g.row0 + b * (g.prefix_rows + g.tokens) + g.prefix_rows + j0) * o.channels) {}
 };
 
 // Tokens [j0, j0 + count) of image b, read along the channels.
@@ -369,9 +372,9 @@ void pack_patches_cpu_kernel(const std::vector<PatchGroup>& gs, const PackOutput
       const int64_t b = (i - first[g]) / blocks;
       const int64_t j0 = (i - first[g]) % blocks * kTokens;
       const int64_t count = std::min(kTokens, grp.tokens - j0);
-      if (j0 == 0 && o.prefix_rows > 0) {
-        char* image = static_cast<char*>(o.out) + (grp.row0 + b * (o.prefix_rows + grp.tokens)) * row_bytes;
-        std::memcpy(image, o.prefix, o.prefix_rows * row_bytes);
+      if (j0 == 0 && grp.prefix_rows > 0) {
+        char* image = static_cast<char*>(o.out) + (grp.row0 + b * (grp.prefix_rows + grp.tokens)) * row_bytes;
+        std::memcpy(image, grp.prefix, grp.prefix_rows * row_bytes);
       }
       if (read_transposed(grp)) {
         pack_tiles<E>(grp, o, b, j0, count, tiles);
@@ -382,11 +385,11 @@ void pack_patches_cpu_kernel(const std::vector<PatchGroup>& gs, const PackOutput
   });
 }
 
-void pack_patches_cpu(at::TensorList patches, at::TensorList pos, const OptTensor& prefix,
+void pack_patches_cpu(at::TensorList patches, at::TensorList pos, at::TensorList prefix,
                       const at::Tensor& out) {
   check_args(patches, pos, prefix, out);
-  const std::vector<PatchGroup> gs = groups(patches, pos, prefix ? prefix->size(0) : 0);
-  const PackOutput o = output(prefix, out);
+  const std::vector<PatchGroup> gs = groups(patches, pos, prefix);
+  const PackOutput o = output(out);
   switch (out.scalar_type()) {
     case at::kFloat:
       return pack_patches_cpu_kernel<Float32>(gs, o);
@@ -401,16 +404,16 @@ void pack_patches_cpu(at::TensorList patches, at::TensorList pos, const OptTenso
 
 #ifdef ADAPTOK_WITH_CUDA
 
-void pack_patches_cuda_op(at::TensorList patches, at::TensorList pos, const OptTensor& prefix,
+void pack_patches_cuda_op(at::TensorList patches, at::TensorList pos, at::TensorList prefix,
                           const at::Tensor& out) {
   check_args(patches, pos, prefix, out);
   const c10::cuda::CUDAGuard guard(out.device());
   const auto dtype = out.scalar_type() == at::kFloat  ? PackDType::kFloat
                      : out.scalar_type() == at::kHalf ? PackDType::kHalf
                                                       : PackDType::kBFloat16;
-  const PackOutput o = output(prefix, out);
+  const PackOutput o = output(out);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  for (const PatchGroup& g : groups(patches, pos, o.prefix_rows)) {
+  for (const PatchGroup& g : groups(patches, pos, prefix)) {
     C10_CUDA_CHECK(pack_patches_cuda(g, o, dtype, stream));
   }
 }
@@ -422,7 +425,7 @@ void pack_patches_cuda_op(at::TensorList patches, at::TensorList pos, const OptT
 }  // namespace adaptok
 
 TORCH_LIBRARY_FRAGMENT(adaptok, m) {
-  m.def("ext_pack_patches(Tensor[] patches, Tensor[] pos, Tensor? prefix, Tensor(a!) out) -> ()");
+  m.def("ext_pack_patches(Tensor[] patches, Tensor[] pos, Tensor[] prefix, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(adaptok, CPU, m) {

@@ -5,16 +5,17 @@
 // G groups; group g holds B_g images of P_g patch tokens of C channels,
 // patches[g][b, j, c] at element offset b * stride_b + j * stride_p +
 // c * stride_c (any strides: the patch convolution's [B, C, h, w] output seen
-// as [B, P, C] has stride_c = P and stride_p = 1). With n prefix rows
-// (prefix [n, C] contiguous, CLS / registers) and the group's position table
-// pos[g] [P_g, C] (contiguous, or absent), image b of group g is the
-// n + P_g rows starting at row0_g + b (n + P_g) of out [T, C] (contiguous):
+// as [B, P, C] has stride_c = P and stride_p = 1). With the group's n_g
+// prefix rows (prefix[g] [n_g, C] contiguous, n_g >= 0: CLS, registers, a
+// distillation token only some groups carry) and its position table pos[g]
+// [P_g, C] (contiguous, or absent), image b of group g is the n_g + P_g rows
+// starting at row0_g + b (n_g + P_g) of out [T, C] (contiguous):
 //
-//   out[row0_g + b (n + P_g) + i]     = prefix[i]                      i < n
-//   out[row0_g + b (n + P_g) + n + j] = patches[g][b, j] + pos[g][j]   j < P_g
+//   out[row0_g + b (n_g + P_g) + i]       = prefix[g][i]                 i < n_g
+//   out[row0_g + b (n_g + P_g) + n_g + j] = patches[g][b, j] + pos[g][j] j < P_g
 //
-// row0_g = sum over g' < g of B_g' (n + P_g'), T = row0_G. The sum is taken
-// in fp32 and rounded once to the dtype (a plain copy without pos).
+// row0_g = sum over g' < g of B_g' (n_g' + P_g'), T = row0_G. The sum is
+// taken in fp32 and rounded once to the dtype (a plain copy without pos).
 #pragma once
 
 #include <cstdint>
@@ -26,6 +27,8 @@ namespace pack_patches {
 struct PatchGroup {
   const void* patches;  // [images, tokens, C] with the element strides below
   const void* pos;  // [tokens, C] contiguous, or null
+  const void* prefix;  // [prefix_rows, C] contiguous, or null when prefix_rows == 0
+  int64_t prefix_rows;  // n_g
   int64_t images;  // B_g
   int64_t tokens;  // P_g
   int64_t stride_b;
@@ -36,9 +39,7 @@ struct PatchGroup {
 
 // What every group shares.
 struct PackOutput {
-  const void* prefix;  // [prefix_rows, C] contiguous, or null when prefix_rows == 0
   void* out;  // [total, C] contiguous
-  int64_t prefix_rows;  // n
   int64_t channels;  // C
   int64_t total;  // T
 };

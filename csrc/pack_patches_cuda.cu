@@ -40,9 +40,9 @@ __global__ void __launch_bounds__(kTile * kPasses)
   __shared__ float tile[kTransposed ? kTile : 1][kTile + 1];
   const T* __restrict__ patches = static_cast<const T*>(g.patches);
   const T* __restrict__ pos = static_cast<const T*>(g.pos);
-  const T* __restrict__ prefix = static_cast<const T*>(o.prefix);
+  const T* __restrict__ prefix = static_cast<const T*>(g.prefix);
   T* __restrict__ out = static_cast<T*>(o.out);
-  const int64_t n = o.prefix_rows, C = o.channels;
+  const int64_t n = g.prefix_rows, C = o.channels;
   const int64_t rows = n + g.tokens;  // of one image
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile;
   const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kTile;
@@ -85,7 +85,7 @@ __global__ void __launch_bounds__(kTile * kPasses)
 
 template <typename T>
 cudaError_t launch(const PatchGroup& g, const PackOutput& o, cudaStream_t stream) {
-  const int64_t row_tiles = (o.prefix_rows + g.tokens + kTile - 1) / kTile;
+  const int64_t row_tiles = (g.prefix_rows + g.tokens + kTile - 1) / kTile;
   const int64_t channel_tiles = (o.channels + kTile - 1) / kTile;
   if (row_tiles > INT_MAX || channel_tiles > 65535) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(channel_tiles),
@@ -103,10 +103,10 @@ cudaError_t launch(const PatchGroup& g, const PackOutput& o, cudaStream_t stream
 
 cudaError_t pack_patches_cuda(const PatchGroup& g, const PackOutput& o, PackDType dtype,
                               cudaStream_t stream) {
-  if (g.images < 0 || g.tokens < 0 || g.row0 < 0 || o.prefix_rows < 0 || o.channels < 0 ||
+  if (g.images < 0 || g.tokens < 0 || g.row0 < 0 || g.prefix_rows < 0 || o.channels < 0 ||
       o.total < 0)
     return cudaErrorInvalidValue;
-  if (g.images == 0 || o.channels == 0 || o.prefix_rows + g.tokens == 0) return cudaSuccess;
+  if (g.images == 0 || o.channels == 0 || g.prefix_rows + g.tokens == 0) return cudaSuccess;
   switch (dtype) {
     case PackDType::kFloat:
       return launch<float>(g, o, stream);

@@ -17,11 +17,10 @@ memory for the store when that is the token axis), adds pos in fp32, takes
 the prefix rows where ``r < n``, rounds once and stores. Offsets are int64;
 every load and store is masked.
 """
-import contextlib
-
-import torch
 import triton
 import triton.language as tl
+
+from . import on_device
 
 
 @triton.jit
@@ -58,25 +57,20 @@ def config(channels: int):
     return min(64, 4096 // block_c), block_c, 4
 
 
-def _device(t):
-    # Triton launches on the current device.
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def forward(patches, pos, prefix, out):
     """Fill ``out [T, C]`` from ``patches`` (G tensors ``[B_g, P_g, C]``),
-    ``pos`` (empty or G tensors ``[P_g, C]``) and ``prefix`` (``[n, C]`` or
-    None); see the module docstring."""
+    ``pos`` (empty or G tensors ``[P_g, C]``) and ``prefix`` (empty or G
+    tensors ``[n_g, C]``); see the module docstring."""
     T, C = out.shape
-    n = 0 if prefix is None else prefix.shape[0]
     block_r, block_c, warps = config(C)
     row0 = 0
-    with _device(out):
+    with on_device(out):
         for g, x in enumerate(patches):
             B, P, _ = x.shape
+            n = prefix[g].shape[0] if prefix else 0
             row_tiles = triton.cdiv(n + P, block_r)
             _pack_kernel[(B * row_tiles, triton.cdiv(C, block_c))](
-                x, pos[g] if pos else None, prefix, out, P, n, C, row0, T, row_tiles, *x.stride(),
+                x, pos[g] if pos else None, prefix[g] if n else None, out, P, n, C, row0, T, row_tiles, *x.stride(),
                 BLOCK_R=block_r, BLOCK_C=block_c, HAS_POS=bool(pos), HAS_PREFIX=n > 0, num_warps=warps,
             )
             row0 += B * (n + P)

@@ -6,11 +6,10 @@ Every op is a set of per-sequence row copies. Grid: axis 0 = sequence, axis 1
 program copies [BLOCK_R, BLOCK_W] tiles of rows W elements wide. Tensors are
 addressed as 2-D row-major [rows, W]; offsets are int64.
 """
-import contextlib
-
-import torch
 import triton
 import triton.language as tl
+
+from . import on_device
 
 
 @triton.jit
@@ -92,7 +91,7 @@ def _launch(kernel, grid_b, rows, out, W, *args):
     if W == 0 or out.numel() == 0:
         return
     block_r, block_w, grid_r = _blocks(W, rows)
-    with torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext():
+    with on_device(out):
         kernel[(grid_b, grid_r)](*args, W, BLOCK_R=block_r, BLOCK_W=block_w)
 
 

@@ -32,11 +32,11 @@ into ``[0, G - 1]``, rows past T are masked; row offsets are int64. A row
 outside every sequence (malformed offsets) is normalized with the group of
 the sequence the search lands on.
 """
-import contextlib
 
-import torch
 import triton
 import triton.language as tl
+
+from . import on_device
 
 MAX_BLOCK_C = 4096
 
@@ -160,11 +160,6 @@ def search_steps(batch: int) -> int:
     return max(batch - 1, 0).bit_length() + 1
 
 
-def _device(t):
-    # Triton launches on the current device.
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def forward(x, residual, weight, bias, cu_seqlens, group, eps, y, h_out, mean, rstd):
     """Fill ``y``, ``h_out`` (with a residual), ``mean`` and ``rstd`` (see the
     module docstring); offsets and groups are read on the device only."""
@@ -176,7 +171,7 @@ def forward(x, residual, weight, bias, cu_seqlens, group, eps, y, h_out, mean, r
     p = weight if weight is not None else bias
     groups = p.shape[0] if p is not None else 1
     block_t, block_c, warps = config(C)
-    with _device(x):
+    with on_device(x):
         _fwd_kernel[(triton.cdiv(T, block_t),)](
             x, residual, weight, bias, cu_seqlens, group, y, h_out, mean, rstd,
             T, C, batch, groups, search_steps(batch), x.stride(0),

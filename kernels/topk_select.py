@@ -33,11 +33,11 @@ in the CUDA kernel: ``s, e`` into ``[0, T]``, ``n <= max_seqlen``, ``k`` into
 ``[0, n - 1]``, ``o`` into ``[0, T_out]`` and every output row bounded by
 ``T_out``; row offsets are int64.
 """
-import contextlib
 
-import torch
 import triton
 import triton.language as tl
+
+from . import on_device
 
 
 @triton.jit
@@ -136,11 +136,6 @@ def config(channels: int, max_seqlen: int):
     return block_i, block_j, block_c, 4
 
 
-def _device(t):
-    # Triton launches on the current device.
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def forward(x, cu_seqlens, cls_attn, keep, cu_seqlens_out, max_seqlen, fuse, renormalize, out, kept_index):
     """Fill ``out [T_out, C]`` and ``kept_index [T_out]`` (see the module
     docstring); ``keep`` and the offsets are read on the device only."""
@@ -150,7 +145,7 @@ def forward(x, cu_seqlens, cls_attn, keep, cu_seqlens_out, max_seqlen, fuse, ren
     if batch <= 0 or T_out == 0:
         return
     block_i, block_j, block_c, warps = config(C, max_seqlen)
-    with _device(x):
+    with on_device(x):
         _fwd_kernel[(batch, max(1, triton.cdiv(C, block_c)))](
             x, out, kept_index, cls_attn, cu_seqlens, cu_seqlens_out, keep, T, T_out, C, max_seqlen, x.stride(0),
             BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_C=block_c, FUSE=bool(fuse), RENORMALIZE=bool(fuse and renormalize),

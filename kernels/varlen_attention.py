@@ -23,12 +23,13 @@ the tensors.
 Scores are kept in base 2 (``qk_scale = scale * log2(e)``); ``lse`` is stored
 in natural log.
 """
-import contextlib
 import math
 
 import torch
 import triton
 import triton.language as tl
+
+from . import on_device
 
 LOG2E = 1.4426950408889634
 
@@ -282,18 +283,13 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _device(t):
-    # Triton launches on the current device.
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def forward(q, k, v, cu_seqlens, max_seqlen, scale, out, lse, cls):
     """Fill ``out [T, H, D]``, ``lse [H, T]`` and, unless ``cls`` is None,
     ``cls [H, T]``."""
     T, H, D = q.shape
     batch = cu_seqlens.shape[0] - 1
     block_m, block_n, warps = fwd_config(D, max_seqlen)
-    with _device(q):
+    with on_device(q):
         _fwd_kernel[(slots(T, batch, block_m), H)](
             q, k, v, out, lse, cls if cls is not None else lse, cu_seqlens, batch, _search_steps(batch), T, D,
             scale * LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -313,7 +309,7 @@ def backward(dout, q, k, v, out, lse, cls, dlse, dcls, cu_seqlens, scale, dq, dk
     n_slots = slots(T, batch, block)
     steps = _search_steps(batch)
     has_dcls = dcls is not None
-    with _device(q):
+    with on_device(q):
         _bwd_preprocess_kernel[(n_slots, H)](
             out, dout, dlse if dlse is not None else lse, cls if has_dcls else lse, dcls if has_dcls else lse,
             delta, cu_seqlens, batch, steps, T, D, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),

@@ -89,10 +89,13 @@ def test_backend_from_environment():
 
 
 def test_import_is_lean():
-    """import adaptok loads neither triton, the extension nor timm, and leaves
-    CUDA uninitialized; adaptok.patch loads timm on first use."""
+    """import adaptok and its subpackages (nn, layout, cost, models, train,
+    bench, devices, info) load neither triton, the extension nor timm, and
+    leave CUDA uninitialized; adaptok.patch loads timm on first use."""
     result = run_python("""
         import sys, torch, adaptok
+        import adaptok.bench, adaptok.cost, adaptok.devices, adaptok.info, adaptok.layout, adaptok.models
+        import adaptok.models.evit, adaptok.nn, adaptok.nn.attention, adaptok.nn.prune, adaptok.train
         print("triton" in sys.modules, "adaptok._C" in sys.modules, "timm" in sys.modules, torch.cuda.is_initialized())
         adaptok.patch
         print("timm" in sys.modules)
@@ -167,3 +170,16 @@ def test_info_says_when_a_backend_runs_another_backends_code():
     assert result.returncode == 0, result.stderr
     use_device_backend(("cpu", "cpu"))  # skips, or fails in CI, without the extension
     assert "cpu     * ok: the torch reference (there is no CPU backward kernel)" in result.stdout
+
+
+def test_why_not_lists_every_reason():
+    """A backend refused for several reasons names all of them (the device
+    and the dtype here), not only the first; the choice still falls back."""
+    op = REGISTRY["pack_patches"]
+    args = op.example(torch.device("cpu"), torch.float64)
+    reason = op.why_not("cuda", *args)
+    assert "runs on CUDA tensors, got cpu" in reason and "supports bfloat16, float16, float32, got float64" in reason
+    assert reason.count("; ") >= 1
+    assert not op.serves("cuda", *args)
+    assert op.why_not("torch", *args) is None and op.serves("torch", *args)
+    assert op.select(*args).backend == "torch"

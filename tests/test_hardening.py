@@ -371,7 +371,7 @@ def test_validation_script_reads_junit(tmp_path):
 
 
 def test_benchmark_plot_labels_do_not_overlap(tmp_path):
-    from adaptok.bench import plot
+    from adaptok.bench.e2e import plot
 
     names = ["timm", "adaptok parity", "EViT 0.7 adaptok", "EViT 0.7 public code", "mix packed adaptok",
              "mix padded", "mix 2 batches"]
@@ -395,20 +395,20 @@ def test_bf16_matmul_attention_path_matches_sdpa(monkeypatch, keep_rate):
     """On the CPU in bf16, small attention runs as explicit matmuls
     (measured faster than SDPA there); both paths give the fp32 model's
     logits within bf16 error, and the same token selection."""
-    from adaptok import vit
+    from adaptok.nn import attention
 
-    assert vit.matmul_attention_pays(torch.device("cpu"), torch.bfloat16, 1, 6, 197)
-    assert not vit.matmul_attention_pays(torch.device("cpu"), torch.float32, 1, 6, 197)
-    assert not vit.matmul_attention_pays(torch.device("cuda"), torch.bfloat16, 1, 6, 197)
-    assert vit.matmul_attention_pays(torch.device("cpu"), torch.bfloat16, 64, 6, 197)
-    assert not vit.matmul_attention_pays(torch.device("cpu"), torch.bfloat16, 64, 6, 577)
+    assert attention.matmul_attention_pays(torch.device("cpu"), torch.bfloat16, 1, 6, 197)
+    assert not attention.matmul_attention_pays(torch.device("cpu"), torch.float32, 1, 6, 197)
+    assert not attention.matmul_attention_pays(torch.device("cuda"), torch.bfloat16, 1, 6, 197)
+    assert attention.matmul_attention_pays(torch.device("cpu"), torch.bfloat16, 64, 6, 197)
+    assert not attention.matmul_attention_pays(torch.device("cpu"), torch.bfloat16, 64, 6, 577)
     x = torch.randn(3, 3, 64, 64)
     grid = [2, 4, 3] if keep_rate is None else None
     expected = adaptok.patch(tiny(), keep_rate=keep_rate, prune_layers=(1,))(x, grid=grid)
     model = adaptok.patch(tiny().to(torch.bfloat16), keep_rate=keep_rate, prune_layers=(1,))
     matmul = model(x.bfloat16(), grid=grid)
-    monkeypatch.setattr(vit, "MATMUL_ATTENTION_MAX_SCORES", 0)
-    monkeypatch.setattr(vit, "MATMUL_ATTENTION_MAX_TOKENS", 0)
+    monkeypatch.setattr(attention, "MATMUL_ATTENTION_MAX_SCORES", 0)
+    monkeypatch.setattr(attention, "MATMUL_ATTENTION_MAX_TOKENS", 0)
     sdpa = model(x.bfloat16(), grid=grid)
     for out in (matmul, sdpa):
         torch.testing.assert_close(out.float(), expected, rtol=0.1, atol=0.1)
@@ -418,16 +418,16 @@ def test_bf16_matmul_attention_path_matches_sdpa(monkeypatch, keep_rate):
 def test_matmul_path_class_attention_equals_sdpa_path(monkeypatch):
     """The CLS rows read off the matmul path's probabilities equal the ones
     the SDPA path recomputes (fp32 statistics, bf16 inputs)."""
-    from adaptok import vit
+    from adaptok.nn import attention
 
     g = torch.Generator().manual_seed(0)
     lengths = (17, 17, 5)
     q, k, v = (torch.randn(sum(lengths), 2, 16, generator=g).bfloat16() for _ in range(3))
     x = RaggedBatch.from_list([torch.zeros(n, 1) for n in lengths])
-    out_m, cls_m = vit._dense_runs(q, k, v, x, 0.25, 0.0, True)
-    monkeypatch.setattr(vit, "MATMUL_ATTENTION_MAX_SCORES", 0)
-    monkeypatch.setattr(vit, "MATMUL_ATTENTION_MAX_TOKENS", 0)
-    out_s, cls_s = vit._dense_runs(q, k, v, x, 0.25, 0.0, True)
+    out_m, cls_m = attention._dense_runs(q, k, v, x, 0.25, 0.0, True)
+    monkeypatch.setattr(attention, "MATMUL_ATTENTION_MAX_SCORES", 0)
+    monkeypatch.setattr(attention, "MATMUL_ATTENTION_MAX_TOKENS", 0)
+    out_s, cls_s = attention._dense_runs(q, k, v, x, 0.25, 0.0, True)
     torch.testing.assert_close(cls_m, cls_s, rtol=2e-2, atol=1e-3)
     torch.testing.assert_close(out_m.float(), out_s.float(), rtol=2e-2, atol=2e-2)
     assert cls_m.dtype == cls_s.dtype == torch.float32

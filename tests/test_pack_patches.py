@@ -84,13 +84,19 @@ def make(case, dtype, device, seed=0):
     return patches, pos, prefix
 
 
+def group_prefixes(prefix, groups):
+    """``prefix`` (None, one tensor, or one tensor or None per group) per group."""
+    return list(prefix) if isinstance(prefix, (list, tuple)) else [prefix] * groups
+
+
 def reference64(patches, pos, prefix):
-    """Image by image in float64: ``[prefix; patches[g][b] + pos[g]]``."""
+    """Image by image in float64: ``[prefix_g; patches[g][b] + pos[g]]``."""
     rows = []
+    prefixes = group_prefixes(prefix, len(patches))
     for g, x in enumerate(patches):
         for b in range(x.shape[0]):
-            if prefix is not None:
-                rows.append(prefix.double())
+            if prefixes[g] is not None:
+                rows.append(prefixes[g].double())
             rows.append(x[b].double() + pos[g].double() if pos else x[b].double())
     return torch.cat(rows)
 
@@ -155,6 +161,69 @@ def test_float64_falls_back_to_torch():
                                rtol=0, atol=0)
 
 
+# ----------------------------------------------------- a prefix per group
+
+
+def per_group_case(dtype, device, seed=3):
+    """Three groups in the kernels' layouts, with 2, 0 and 1 prefix rows (a
+    distillation token only on some grids): patches, pos, prefixes."""
+    patches, pos, _ = make((((2, 3, 3), (3, 2, 2), (1, 4, 4)), 0, True, "mixed", 40), dtype, device, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    prefixes = [torch.randn(2, 40, generator=gen).to(device, dtype), None,
+                torch.randn(1, 40, generator=gen).to(device, dtype)]
+    return patches, pos, prefixes
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_prefix_per_group(pack_backend, dtype):
+    """Groups with different prefix counts pack as ``[prefix_g; patches +
+    pos]``: prefix rows exact, sums to half an ulp; the lengths follow."""
+    device, backend = pack_backend
+    dtype = DTYPES[dtype]
+    supported(device, backend, dtype)
+    patches, pos, prefixes = per_group_case(dtype, device)
+    require(PACK_PATCHES, backend, patches, pos, [p if p is not None else patches[0].new_empty(0, 40)
+                                                  for p in prefixes])
+    out = run(backend, patches, pos, prefixes)
+    assert sequence_lengths(patches, prefixes) == [11, 11, 4, 4, 4, 17]
+    assert out.shape == (output_rows(patches, prefixes), 40) == (51, 40)
+    rtol, atol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.double(), reference64(patches, pos, prefixes), rtol=rtol, atol=atol)
+    starts = [0, 11, 22, 26, 30, 34]
+    for s, g in zip(starts, [0, 0, 1, 1, 1, 2]):
+        if prefixes[g] is not None:
+            assert torch.equal(out[s:s + prefixes[g].shape[0]], prefixes[g])
+
+
+def test_prefix_per_group_gradients(pack_backend):
+    device, backend = pack_backend
+    patches, pos, prefixes = per_group_case(torch.float32, device)
+    kept = [p for p in prefixes if p is not None]
+    leaves = [t.detach().requires_grad_() for t in (*patches, *pos, *kept)]
+
+    def split(ts):
+        it = iter(ts[6:])
+        return list(ts[:3]), list(ts[3:6]), [next(it) if p is not None else None for p in prefixes]
+
+    check_gradients(backend, device, leaves, split)
+
+
+def test_prefix_per_group_errors_name_the_argument():
+    patches, pos, prefixes = per_group_case(torch.float32, "cpu")
+    op = adaptok.ops.pack_patches
+    cases = [
+        (lambda: op(patches, pos, prefixes[:2]), ValueError, r"prefix must hold one entry per group \(3\), got 2"),
+        (lambda: op(patches, pos, [prefixes[0], "x", None]), TypeError, r"prefix\[1\] must be a torch.Tensor"),
+        (lambda: op(patches, pos, [prefixes[0][:, :3], None, None]), ValueError,
+         r"prefix\[0\] must have shape \[n_g, C\] with C = 40"),
+        (lambda: op(patches, pos, [None, None, prefixes[2].half()]), TypeError, r"prefix\[2\] must have the dtype"),
+        (lambda: op(patches, pos, "cls"), TypeError, "prefix must be None, a \[n, C\] tensor or one per group"),
+    ]
+    for fn, kind, message in cases:
+        with pytest.raises(kind, match=message):
+            fn()
+
+
 # ----------------------------------------------------------------- gradients
 
 
@@ -167,6 +236,12 @@ def test_gradients(pack_backend, case):
     leaves = [t.detach().requires_grad_() for t in patches + pos + ([prefix] if prefix is not None else [])]
     G, P = len(patches), len(pos)
     split = lambda ts: (ts[:G], ts[G:G + P], ts[G + P] if prefix is not None else None)  # noqa: E731
+    check_gradients(backend, device, leaves, split)
+
+
+def check_gradients(backend, device, leaves, split):
+    """The fp32 gradients of ``leaves`` (``split`` turns them into the op's
+    arguments) against autograd on the float64 reference."""
     out = run(backend, *split(leaves))
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(device)
     actual = torch.autograd.grad(out, leaves, grad_out)
@@ -195,7 +270,12 @@ def test_opcheck(pack_backend):
     device, backend = pack_backend
     with adaptok.backend(backend):
         for case in ("G5-n1-pos-mixed-C40", "G3-P1,2,9-n0-contiguous-C40", "G1-B1-1x1-n1-pos-conv-C3"):
-            torch.library.opcheck(torch.ops.adaptok.pack_patches.default, make(case, torch.float32, device))
+            patches, pos, prefix = make(case, torch.float32, device)
+            prefix = [] if prefix is None else [prefix] * len(patches)  # the op's form: one per group
+            torch.library.opcheck(torch.ops.adaptok.pack_patches.default, (patches, pos, prefix))
+        patches, pos, prefixes = per_group_case(torch.float32, device)
+        prefixes = [p if p is not None else patches[0].new_empty(0, 40) for p in prefixes]
+        torch.library.opcheck(torch.ops.adaptok.pack_patches.default, (patches, pos, prefixes))
 
 
 def test_compile_fullgraph(pack_backend):
@@ -280,6 +360,7 @@ def test_extension_checks_name_the_argument(device):
     sentinel = torch.full((T, 40), 7.0, device=device)
 
     def call(patches=patches, pos=pos, prefix=prefix, out=None):
+        prefix = [prefix] * len(patches) if isinstance(prefix, torch.Tensor) else prefix
         torch.ops.adaptok.ext_pack_patches(patches, pos, prefix, sentinel if out is None else out)
 
     cases = [
@@ -293,9 +374,10 @@ def test_extension_checks_name_the_argument(device):
         (dict(pos=[pos[0], pos[0]]), ValueError, r"pos\[1\] must have shape \[P_g, C\] = \[4, 40\]"),
         (dict(pos=[pos[0].half(), pos[1]]), TypeError, r"pos\[0\] must have the dtype of patches"),
         (dict(pos=[pos[0], pos[1].t().contiguous().t()]), ValueError, r"pos\[1\] must be contiguous"),
-        (dict(prefix=prefix[:, :3]), ValueError, r"prefix must have shape \[n, C\] with C = 40"),
-        (dict(prefix=prefix.half()), TypeError, "prefix must have the dtype of patches"),
-        (dict(prefix=torch.randn(40, 2, device=device).t()), ValueError, "prefix must be contiguous"),
+        (dict(prefix=prefix[:, :3]), ValueError, r"prefix\[0\] must have shape \[n_g, C\] with C = 40"),
+        (dict(prefix=prefix.half()), TypeError, r"prefix\[0\] must have the dtype of patches"),
+        (dict(prefix=torch.randn(40, 2, device=device).t()), ValueError, r"prefix\[0\] must be contiguous"),
+        (dict(prefix=[prefix]), ValueError, r"prefix must be empty or hold one table per group \(2\), got 1"),
         (dict(out=torch.empty(T - 1, 40, device=device)), ValueError, rf"out must have shape \[T, C\] = \[{T}, 40\]"),
         (dict(out=torch.empty(T, 40, device=device).half()), TypeError, "out must have the dtype of patches"),
         (dict(out=torch.empty(40, T, device=device).t()), ValueError, "out must be contiguous"),

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import adaptok
 from adaptok.nn import TokenLengthLayerNorm
-from adaptok.ops.common import poison_outputs
+from adaptok.ops.common import cu_seqlens as cu_seqlens_of, poison_outputs
 from adaptok.ops.segment_layer_norm import SEGMENT_LAYER_NORM
 
 from conftest import backend_pairs, device_backend_id, require, use_device_backend
@@ -38,7 +38,7 @@ def make(lengths, channels, dtype, device, groups=3, seed=0, strided=False):
     residual = torch.randn(T, channels, generator=g).to(device, dtype)
     weight = (1 + 0.5 * torch.randn(groups, channels, generator=g)).to(device, dtype)
     bias = torch.randn(groups, channels, generator=g).to(device, dtype)
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    cu = cu_seqlens_of(lengths, device)
     group = torch.randint(0, groups, (len(lengths),), generator=g, dtype=torch.int32).to(device)
     return x, residual, weight, bias, cu, group, lengths
 

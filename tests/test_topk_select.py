@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import adaptok
-from adaptok.ops.common import poison_outputs
+from adaptok.ops.common import cu_seqlens as cu_seqlens_of, poison_outputs
 from adaptok.ops.topk_select import TOPK_SELECT
 
 from conftest import backend_pairs, device_backend_id, require, use_device_backend
@@ -47,7 +47,7 @@ def make(lengths, channels, dtype, device, seed=0, ties=True, strided=False):
     wide = torch.randn(T, channels + (5 if strided else 0), generator=g).to(device, dtype)
     x = wide[:, 2:2 + channels] if strided else wide
     scores = (torch.randint(0, 5, (T,), generator=g) / 8) if ties else torch.rand(T, generator=g)
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    cu = cu_seqlens_of(lengths, device)
     return x, scores.to(device), cu
 
 
@@ -283,7 +283,7 @@ def test_gradcheck_float64():
 
 def _op_args(x, scores, cu, lengths, keep, fuse=True, renormalize=False):
     out_lengths = out_tokens(lengths, keep, fuse)
-    cu_out = torch.tensor([0, *torch.tensor(out_lengths).cumsum(0).tolist()], dtype=torch.int32, device=x.device)
+    cu_out = cu_seqlens_of(out_lengths, x.device)
     keep = torch.tensor(keep, dtype=torch.int32, device=x.device)
     return x, cu, scores.float(), keep, cu_out, sum(out_lengths), max(lengths), fuse, renormalize
 

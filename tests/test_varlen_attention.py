@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import adaptok
-from adaptok.ops.common import poison_outputs
+from adaptok.ops.common import cu_seqlens as cu_seqlens_of, poison_outputs
 from adaptok.ops.varlen_attention import (CUDA_HEAD_DIMS, VARLEN_ATTENTION, VARLEN_ATTENTION_BACKWARD,
                                           varlen_attention_backward_reference, varlen_attention_reference)
 
@@ -57,7 +57,7 @@ def make(lengths, heads, head_dim, dtype, device, seed=0, layout="qkv"):
     ``broadcast`` (one token expanded, token stride 0), or ``contiguous``."""
     g = torch.Generator().manual_seed(seed)
     T = sum(lengths)
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    cu = cu_seqlens_of(lengths, device)
     if layout == "broadcast":  # one token's q, k, v repeated: token stride 0
         q, k, v = (torch.randn(1, heads, head_dim, generator=g).to(device, dtype).expand(T, -1, -1)
                    for _ in range(3))

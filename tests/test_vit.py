@@ -7,13 +7,13 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 import timm
 from timm.layers import DropPath
 from timm.models.vision_transformer import ResPostBlock, VisionTransformer
 
 import adaptok
-import adaptok.vit as vit
+from adaptok.layout import resize_images
+from adaptok.nn import attention as nn_attention, per_sequence
 
 from conftest import DEVICES
 
@@ -129,7 +129,7 @@ def at_grid(model, image, g):
         return model, image
     model = copy.deepcopy(model)
     model.set_input_size(img_size=size)
-    return model, F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return model, resize_images(image, size)
 
 
 # ------------------------------------------------------------------- parity
@@ -259,7 +259,7 @@ def test_mixed_grid_matches_each_image_alone(name, attention, device, monkeypatc
     model, patched = pair(name, device)
     grids = GRIDS if len(model.blocks) == 12 else [2, 4, 3, 4, 2]
     if attention == "varlen":
-        monkeypatch.setattr(vit, "MAX_DENSE_RUNS", 0)
+        monkeypatch.setattr(nn_attention, "MAX_DENSE_RUNS", 0)
     x = images(model, len(grids), device)
     actual = patched(x, grid=torch.tensor(grids))
     expected = torch.cat([logits(m(img)) for m, img in (at_grid(model, x[i:i + 1], g) for i, g in enumerate(grids))])
@@ -270,7 +270,7 @@ def test_mixed_grid_matches_each_image_alone(name, attention, device, monkeypatc
 @pytest.mark.parametrize("attention", ["dense-runs", "varlen"])
 def test_mixed_grid_evit_matches_reference(name, attention, device, monkeypatch):
     if attention == "varlen":
-        monkeypatch.setattr(vit, "MAX_DENSE_RUNS", 0)
+        monkeypatch.setattr(nn_attention, "MAX_DENSE_RUNS", 0)
     model, patched = pair(name, device, torch.float64)
     patched.keep_rate = 0.7
     x = images(model, len(GRIDS), device, torch.float64)
@@ -339,7 +339,7 @@ def test_position_tables_cached_per_grid_and_refreshed():
 def test_drop_path_is_per_sequence():
     rb = adaptok.RaggedBatch.from_list([torch.ones(n, 4) for n in (5, 1, 9, 3, 7, 2)])
     torch.manual_seed(0)
-    out = vit._per_sequence(DropPath(0.5).train(), rb.values, rb)
+    out = per_sequence(DropPath(0.5).train(), rb.values, rb)
     for seq in rb.with_values(out).to_list():
         assert seq.unique().numel() == 1 and seq[0, 0].item() in (0.0, 2.0)
 

@@ -1,4 +1,5 @@
-"""Helpers shared by every op: output allocation and input validation.
+"""Helpers shared by every op: the dtypes the kernels serve, the lazy Triton
+loader, ``cu_seqlens`` from lengths, output allocation and input validation.
 
 Validation that reads only metadata (dtype, device, shape) always runs, also
 while tracing under ``torch.compile``. Validation that reads ``cu_seqlens``
@@ -9,6 +10,7 @@ bounds for any ``cu_seqlens``.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 import numbers
 import operator
@@ -16,6 +18,25 @@ import os
 from typing import Iterator, Optional, Sequence
 
 import torch
+
+# The floating dtypes the compiled and Triton kernels serve.
+FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def triton_kernels(op: str):
+    """The Triton kernel module of ``op`` (``adaptok.kernels.<op>``),
+    imported on first use so that ``import adaptok`` never imports triton."""
+    return importlib.import_module(f"adaptok.kernels.{op}")
+
+
+def cu_seqlens(lengths: Sequence[int], device) -> torch.Tensor:
+    """int32 ``[B + 1]`` running sum of host ``lengths``, copied to ``device``
+    without a sync."""
+    offsets = [0]
+    for n in lengths:
+        offsets.append(offsets[-1] + n)
+    return torch.tensor(offsets, dtype=torch.int32).to(device, non_blocking=True)
+
 
 _poison = False
 

@@ -1,21 +1,23 @@
 """Pack the patch embeddings of groups of images into one ragged batch, adding
-each group's position embeddings and placing the prefix tokens (CLS,
-registers, distillation token) in front of every sequence, in one pass.
+each group's position embeddings and placing each group's prefix tokens
+(CLS, registers, a distillation token) in front of its sequences, in one
+pass.
 
 A ViT that runs every image on its own token grid embeds the images of each
 grid together (one convolution per grid), then needs them as one packed
 batch. Group g holds ``B_g`` images of ``P_g`` patch tokens each; the output
-is the groups one after another, each image a sequence of ``n + P_g`` tokens
-(``n`` prefix tokens)::
+is the groups one after another, each image a sequence of ``n_g + P_g``
+tokens (``n_g`` prefix tokens, the same for every group or not: ReViT's
+shorter sequences carry a distillation token the teacher's lack)::
 
-    out = [ prefix ; patches[0][0] + pos[0] ]      image 0 of group 0
-          [ prefix ; patches[0][1] + pos[0] ]      image 1 of group 0
+    out = [ prefix[0] ; patches[0][0] + pos[0] ]      image 0 of group 0
+          [ prefix[0] ; patches[0][1] + pos[0] ]      image 1 of group 0
           ...
-          [ prefix ; patches[1][0] + pos[1] ]      image 0 of group 1
+          [ prefix[1] ; patches[1][0] + pos[1] ]      image 0 of group 1
           ...
 
 so the layout follows from the shapes alone (``cu_seqlens`` is the running
-sum of ``n + P_g`` repeated ``B_g`` times) and nothing is read from the
+sum of ``n_g + P_g`` repeated ``B_g`` times) and nothing is read from the
 device. ``patches[g]`` may be any strided view, e.g. the ``[B, C, h, w]``
 output of the patch convolution seen as ``[B, P, C]`` (``flatten(2).
 transpose(1, 2)``), which the kernels read without a copy. The sum is formed
@@ -31,7 +33,7 @@ PyTorch on every backend.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -39,19 +41,10 @@ from torch import Tensor
 from ..backends import Op
 from . import common
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _triton():
-    from adaptok.kernels import pack_patches
-
-    return pack_patches
-
-
 # ----------------------------------------------------------------------- checks
 
 
-def _check(patches: Sequence[Tensor], pos: Sequence[Tensor], prefix: Optional[Tensor]) -> None:
+def _check(patches: Sequence[Tensor], pos: Sequence[Tensor], prefix: Sequence[Tensor]) -> None:
     """Metadata checks (no device sync), also run while tracing."""
     if len(patches) == 0:
         raise ValueError("patches must hold at least one group")
@@ -76,29 +69,35 @@ def _check(patches: Sequence[Tensor], pos: Sequence[Tensor], prefix: Optional[Te
         if t.dtype != dtype:
             raise TypeError(f"pos[{g}] must have the dtype of patches ({dtype}), got {t.dtype}")
         common.check_same_device(t, f"pos[{g}]", patches[0], "patches[0]")
-    if prefix is not None:
-        common.check_tensor(prefix, "prefix")
-        if prefix.dim() != 2 or prefix.shape[1] != C:
-            raise ValueError(f"prefix must have shape [n, C] with C = {C}, got {tuple(prefix.shape)}")
-        if prefix.dtype != dtype:
-            raise TypeError(f"prefix must have the dtype of patches ({dtype}), got {prefix.dtype}")
-        common.check_same_device(prefix, "prefix", patches[0], "patches[0]")
+    if len(prefix) not in (0, len(patches)):
+        raise ValueError(f"prefix must be empty or hold one table per group ({len(patches)}), got {len(prefix)}")
+    for g, t in enumerate(prefix):
+        common.check_tensor(t, f"prefix[{g}]")
+        if t.dim() != 2 or t.shape[1] != C:
+            raise ValueError(f"prefix[{g}] must have shape [n_g, C] with C = {C}, got {tuple(t.shape)}")
+        if t.dtype != dtype:
+            raise TypeError(f"prefix[{g}] must have the dtype of patches ({dtype}), got {t.dtype}")
+        common.check_same_device(t, f"prefix[{g}]", patches[0], "patches[0]")
 
 
-def _num_prefix(prefix: Optional[Tensor]) -> int:
-    return 0 if prefix is None else prefix.shape[0]
+def _prefix_rows(prefix, groups: int) -> list[int]:
+    """``n_g`` of every group, for ``prefix`` as :func:`pack_patches` takes it."""
+    if prefix is None or len(prefix) == 0:
+        return [0] * groups
+    if isinstance(prefix, Tensor):
+        return [prefix.shape[0]] * groups
+    return [0 if t is None else t.shape[0] for t in prefix]
 
 
-def output_rows(patches: Sequence[Tensor], prefix: Optional[Tensor]) -> int:
-    """Rows of the packed output: ``sum_g B_g (n + P_g)``."""
-    n = _num_prefix(prefix)
-    return sum(p.shape[0] * (n + p.shape[1]) for p in patches)
+def output_rows(patches: Sequence[Tensor], prefix=None) -> int:
+    """Rows of the packed output: ``sum_g B_g (n_g + P_g)``."""
+    return sum(p.shape[0] * (n + p.shape[1]) for p, n in zip(patches, _prefix_rows(prefix, len(patches))))
 
 
-def sequence_lengths(patches: Sequence[Tensor], prefix: Optional[Tensor]) -> list[int]:
-    """The length of every output sequence, in output order."""
-    n = _num_prefix(prefix)
-    return [n + p.shape[1] for p in patches for _ in range(p.shape[0])]
+def sequence_lengths(patches: Sequence[Tensor], prefix=None) -> list[int]:
+    """The length of every output sequence, in output order (``prefix`` as
+    :func:`pack_patches` takes it)."""
+    return [n + p.shape[1] for p, n in zip(patches, _prefix_rows(prefix, len(patches))) for _ in range(p.shape[0])]
 
 
 # ---------------------------------------------------------------------- backends
@@ -107,27 +106,27 @@ def sequence_lengths(patches: Sequence[Tensor], prefix: Optional[Tensor]) -> lis
 def _example(device, dtype, grids=(7, 14), images=(3, 2), channels=384):
     patches = [torch.randn(b, channels, g * g, device=device).to(dtype).transpose(1, 2) for g, b in zip(grids, images)]
     pos = [torch.randn(g * g, channels, device=device).to(dtype) for g in grids]
-    return patches, pos, torch.randn(1, channels, device=device).to(dtype)
+    return patches, pos, [torch.randn(1, channels, device=device).to(dtype)] * len(grids)
 
 
 PACK_PATCHES = Op("pack_patches", subject=lambda patches, *rest: patches[0], example=_example)
 
 
 @PACK_PATCHES.register("torch")
-def pack_patches_reference(patches: Sequence[Tensor], pos: Sequence[Tensor], prefix: Optional[Tensor]) -> Tensor:
-    """Plain PyTorch: per group, ``cat([prefix, patches + pos])`` for every
-    image, then the groups one after another.
+def pack_patches_reference(patches: Sequence[Tensor], pos: Sequence[Tensor], prefix: Sequence[Tensor]) -> Tensor:
+    """Plain PyTorch: per group, ``cat([prefix[g], patches + pos])`` for
+    every image, then the groups one after another.
 
     Returns:
-        ``[sum_g B_g (n + P_g), C]`` in the patches' dtype.
+        ``[sum_g B_g (n_g + P_g), C]`` in the patches' dtype.
     """
     compute = torch.promote_types(patches[0].dtype, torch.float32)
     out = []
     for g, p in enumerate(patches):
         x = p.to(compute) + pos[g].to(compute) if pos else p
         x = x.to(p.dtype)
-        if prefix is not None:
-            x = torch.cat([prefix[None].expand(p.shape[0], -1, -1), x], dim=1)
+        if prefix:
+            x = torch.cat([prefix[g][None].expand(p.shape[0], -1, -1), x], dim=1)
         out.append(x.reshape(-1, p.shape[2]))
     return torch.cat(out)
 
@@ -136,27 +135,27 @@ def _output(patches, prefix):
     return common.empty((output_rows(patches, prefix), patches[0].shape[2]), patches[0])
 
 
-@PACK_PATCHES.register("cuda", dtypes=_FLOATS, ext_op="ext_pack_patches")
-@PACK_PATCHES.register("cpu", dtypes=_FLOATS, ext_op="ext_pack_patches")
+@PACK_PATCHES.register("cuda", dtypes=common.FLOATS, ext_op="ext_pack_patches")
+@PACK_PATCHES.register("cpu", dtypes=common.FLOATS, ext_op="ext_pack_patches")
 def _pack_patches_ext(patches, pos, prefix):
     out = _output(patches, prefix)
     torch.ops.adaptok.ext_pack_patches(patches, pos, prefix, out)
     return out
 
 
-@PACK_PATCHES.register("triton", dtypes=_FLOATS)
+@PACK_PATCHES.register("triton", dtypes=common.FLOATS)
 def _pack_patches_triton(patches, pos, prefix):
     out = _output(patches, prefix)
-    _triton().forward(patches, pos, prefix, out)
+    common.triton_kernels("pack_patches").forward(patches, pos, prefix, out)
     return out
 
 
 # ------------------------------------------------------------------- custom op
 
 
-def _pack_patches_body(patches: list[Tensor], pos: list[Tensor], prefix: Optional[Tensor]) -> Tensor:
+def _pack_patches_body(patches: list[Tensor], pos: list[Tensor], prefix: list[Tensor]) -> Tensor:
     _check(patches, pos, prefix)
-    args = (list(patches), [t.contiguous() for t in pos], None if prefix is None else prefix.contiguous())
+    args = (list(patches), [t.contiguous() for t in pos], [t.contiguous() for t in prefix])
     return PACK_PATCHES(*args)
 
 
@@ -174,27 +173,27 @@ def _setup(ctx, inputs, output):
     ctx.shapes = [tuple(p.shape) for p in patches]
     ctx.dtype = patches[0].dtype
     ctx.has_pos = len(pos) > 0
-    ctx.n = _num_prefix(prefix)
-    ctx.has_prefix = prefix is not None
+    ctx.prefix_rows = [t.shape[0] for t in prefix]
 
 
 def _backward(ctx, grad):
-    """Every group's rows of ``grad`` are a contiguous ``[B_g, n + P_g, C]``
+    """Every group's rows of ``grad`` are a contiguous ``[B_g, n_g + P_g, C]``
     block: its patch rows are the patches' gradient, their sum over images
-    the position table's, and the prefix rows summed over all images the
-    prefix's. Views and reductions only: no sync, no atomics."""
-    n, row = ctx.n, 0
-    grad_patches, grad_pos, grad_prefix = [], [], None
-    for B, P, C in ctx.shapes:
+    the position table's, and its prefix rows summed over its images the
+    group's prefix's (autograd adds them up where groups share one prefix
+    tensor). Views and reductions only: no sync, no atomics."""
+    row = 0
+    grad_patches, grad_pos, grad_prefix = [], [], []
+    for g, (B, P, C) in enumerate(ctx.shapes):
+        n = ctx.prefix_rows[g] if ctx.prefix_rows else 0
         block = grad[row:row + B * (n + P)].view(B, n + P, C)
         row += B * (n + P)
         grad_patches.append(block[:, n:])
         if ctx.has_pos:
             grad_pos.append(block[:, n:].sum(0))
-        if ctx.has_prefix:
-            part = block[:, :n].sum(0)
-            grad_prefix = part if grad_prefix is None else grad_prefix + part
-    return grad_patches, grad_pos, grad_prefix  # grad_pos is [] for an empty pos, matching its structure
+        if ctx.prefix_rows:
+            grad_prefix.append(block[:, :n].sum(0))
+    return grad_patches, grad_pos, grad_prefix  # [] for an empty pos or prefix, matching its structure
 
 
 _pack_patches_op.register_autograd(_backward, setup_context=_setup)
@@ -203,8 +202,35 @@ _pack_patches_op.register_autograd(_backward, setup_context=_setup)
 # ------------------------------------------------------------------------ public
 
 
+def _prefix_list(prefix, patches: list[Tensor]) -> list[Tensor]:
+    """``prefix`` as the op takes it: [] (none) or one ``[n_g, C]`` tensor
+    per group (``[0, C]`` for a group without)."""
+    if prefix is None or not patches:  # no group: the op's checks say so
+        return []
+    if isinstance(prefix, Tensor):  # one prefix for every group: checked (and named) as one
+        C, ref = patches[0].shape[-1], patches[0]
+        if prefix.dim() != 2 or prefix.shape[1] != C:
+            raise ValueError(f"prefix must have shape [n, C] with C = {C}, got {tuple(prefix.shape)}")
+        if prefix.dtype != ref.dtype:
+            raise TypeError(f"prefix must have the dtype of patches ({ref.dtype}), got {prefix.dtype}")
+        common.check_same_device(prefix, "prefix", ref, "patches[0]")
+        return [prefix] * len(patches)
+    if isinstance(prefix, (str, bytes)) or not isinstance(prefix, Sequence):
+        raise TypeError(f"prefix must be None, a [n, C] tensor or one per group, got {type(prefix).__name__}")
+    if len(prefix) != len(patches):
+        raise ValueError(f"prefix must hold one entry per group ({len(patches)}), got {len(prefix)}")
+    out = []
+    for g, t in enumerate(prefix):
+        if t is None:
+            ref = patches[g] if isinstance(patches[g], Tensor) else patches[0]
+            t = ref.new_empty((0, ref.shape[-1]))
+        common.check_tensor(t, f"prefix[{g}]")
+        out.append(t)
+    return out
+
+
 def pack_patches(patches: Sequence[Tensor], pos: Optional[Sequence[Tensor]] = None,
-                 prefix: Optional[Tensor] = None) -> Tensor:
+                 prefix: Union[Tensor, Sequence[Optional[Tensor]], None] = None) -> Tensor:
     """Pack groups of patch embeddings into one ragged batch, with position
     embeddings added and prefix tokens in front of every sequence.
 
@@ -213,14 +239,15 @@ def pack_patches(patches: Sequence[Tensor], pos: Optional[Sequence[Tensor]] = No
             device): group g holds B_g images of P_g patch tokens.
         pos: None, or G position tables ``[P_g, C]`` added to every image of
             their group.
-        prefix: None, or ``[n, C]``: tokens placed in front of every image
-            (CLS, registers, distillation token, their position embedding
-            already added).
+        prefix: the tokens placed in front of every image (CLS, registers,
+            distillation token, their position embedding already added):
+            None, one ``[n, C]`` tensor for every group, or G entries
+            ``[n_g, C]`` or None, one per group.
 
     Returns:
-        ``[T, C]`` with ``T = sum_g B_g (n + P_g)``: group after group, image
-        after image, each ``[prefix; patches + pos]``. Its ``cu_seqlens`` is
-        the running sum of :func:`sequence_lengths`.
+        ``[T, C]`` with ``T = sum_g B_g (n_g + P_g)``: group after group,
+        image after image, each ``[prefix_g; patches + pos]``. Its
+        ``cu_seqlens`` is the running sum of :func:`sequence_lengths`.
 
     Example::
 
@@ -238,9 +265,8 @@ def pack_patches(patches: Sequence[Tensor], pos: Optional[Sequence[Tensor]] = No
     for name, ts in (("patches", patches), ("pos", pos or [])):
         for g, t in enumerate(ts):
             common.check_tensor(t, f"{name}[{g}]")
-    if prefix is not None:
-        common.check_tensor(prefix, "prefix")
     patches, pos = list(patches), list(pos or [])
-    if not common.dispatcher_needed(*patches, *pos, prefix):
+    prefix = _prefix_list(prefix, patches)
+    if not common.dispatcher_needed(*patches, *pos, *prefix):
         return _pack_patches_body(patches, pos, prefix)
     return torch.ops.adaptok.pack_patches(patches, pos, prefix)

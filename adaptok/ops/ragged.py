@@ -25,15 +25,6 @@ from torch import Tensor
 from ..backends import Op
 from . import common
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _triton():
-    from adaptok.kernels import ragged
-
-    return ragged
-
-
 def _row_width(t: Tensor, row_dims: int) -> int:
     width = 1
     for s in t.shape[row_dims:]:
@@ -42,7 +33,7 @@ def _row_width(t: Tensor, row_dims: int) -> int:
 
 
 def _example_batch(device, dtype, lengths=(50, 197, 1), channels=384):
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    cu = common.cu_seqlens(lengths, device)
     return torch.randn(sum(lengths), channels, device=device).to(dtype), cu
 
 
@@ -80,10 +71,10 @@ def _pack_ext(x, cu_seqlens, total):
     return out
 
 
-@PACK.register("triton", dtypes=_FLOATS)
+@PACK.register("triton", dtypes=common.FLOATS)
 def _pack_triton(x, cu_seqlens, total):
     out = common.empty((total, *x.shape[2:]), x)
-    _triton().pack(x, cu_seqlens, out, _row_width(x, 2))
+    common.triton_kernels("ragged").pack(x, cu_seqlens, out, _row_width(x, 2))
     return out
 
 
@@ -177,10 +168,10 @@ def _unpack_ext(values, cu_seqlens, length, pad_value):
     return out
 
 
-@UNPACK.register("triton", dtypes=_FLOATS)
+@UNPACK.register("triton", dtypes=common.FLOATS)
 def _unpack_triton(values, cu_seqlens, length, pad_value):
     out = _unpack_out(values, cu_seqlens, length)
-    _triton().unpack(values, cu_seqlens, pad_value, out, _row_width(values, 1))
+    common.triton_kernels("ragged").unpack(values, cu_seqlens, pad_value, out, _row_width(values, 1))
     return out
 
 
@@ -265,10 +256,10 @@ def _cls_tokens_ext(values, cu_seqlens):
     return out
 
 
-@CLS_TOKENS.register("triton", dtypes=_FLOATS)
+@CLS_TOKENS.register("triton", dtypes=common.FLOATS)
 def _cls_tokens_triton(values, cu_seqlens):
     out = _cls_tokens_out(values, cu_seqlens)
-    _triton().cls_tokens(values, cu_seqlens, out, _row_width(values, 1))
+    common.triton_kernels("ragged").cls_tokens(values, cu_seqlens, out, _row_width(values, 1))
     return out
 
 
@@ -377,10 +368,10 @@ def _select_sequences_ext(values, cu_seqlens, seq_idx, cu_seqlens_out, total_out
     return out
 
 
-@SELECT_SEQUENCES.register("triton", dtypes=_FLOATS)
+@SELECT_SEQUENCES.register("triton", dtypes=common.FLOATS)
 def _select_sequences_triton(values, cu_seqlens, seq_idx, cu_seqlens_out, total_out):
     out = common.empty((total_out, *values.shape[1:]), values)
-    _triton().select_sequences(values, cu_seqlens, seq_idx, cu_seqlens_out, out, _row_width(values, 1))
+    common.triton_kernels("ragged").select_sequences(values, cu_seqlens, seq_idx, cu_seqlens_out, out, _row_width(values, 1))
     return out
 
 

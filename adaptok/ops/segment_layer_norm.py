@@ -27,15 +27,6 @@ from torch import Tensor
 from ..backends import Op
 from . import common
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _triton():
-    from adaptok.kernels import segment_layer_norm
-
-    return segment_layer_norm
-
-
 # ----------------------------------------------------------------------- checks
 
 
@@ -94,7 +85,7 @@ def _check_values(x, cu_seqlens, group, weight, bias) -> None:
 
 def _example(device, dtype, lengths=(50, 197, 101), channels=384, groups=3):
     x = torch.randn(sum(lengths), channels, device=device).to(dtype)
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    cu = common.cu_seqlens(lengths, device)
     group = torch.arange(len(lengths), dtype=torch.int32, device=device) % groups
     weight = torch.ones(groups, channels, device=device, dtype=dtype)
     return x, x, weight, torch.zeros_like(weight), cu, group, 1e-6
@@ -138,8 +129,8 @@ def segment_layer_norm_reference(x: Tensor, residual: Optional[Tensor], weight: 
     return y.to(x.dtype), h_out, mean, rstd
 
 
-@SEGMENT_LAYER_NORM.register("cuda", dtypes=_FLOATS, ext_op="ext_segment_layer_norm")
-@SEGMENT_LAYER_NORM.register("cpu", dtypes=_FLOATS, ext_op="ext_segment_layer_norm")
+@SEGMENT_LAYER_NORM.register("cuda", dtypes=common.FLOATS, ext_op="ext_segment_layer_norm")
+@SEGMENT_LAYER_NORM.register("cpu", dtypes=common.FLOATS, ext_op="ext_segment_layer_norm")
 def _segment_layer_norm_ext(x, residual, weight, bias, cu_seqlens, group, eps):
     y, h, mean, rstd = _outputs(x, residual)
     torch.ops.adaptok.ext_segment_layer_norm(x, residual, weight, bias, cu_seqlens, group, eps, y,
@@ -147,10 +138,10 @@ def _segment_layer_norm_ext(x, residual, weight, bias, cu_seqlens, group, eps):
     return y, h, mean, rstd
 
 
-@SEGMENT_LAYER_NORM.register("triton", dtypes=_FLOATS)
+@SEGMENT_LAYER_NORM.register("triton", dtypes=common.FLOATS)
 def _segment_layer_norm_triton(x, residual, weight, bias, cu_seqlens, group, eps):
     y, h, mean, rstd = _outputs(x, residual)
-    _triton().forward(x, residual, weight, bias, cu_seqlens, group, eps, y, h if residual is not None else None,
+    common.triton_kernels("segment_layer_norm").forward(x, residual, weight, bias, cu_seqlens, group, eps, y, h if residual is not None else None,
                       mean, rstd)
     return y, h, mean, rstd
 

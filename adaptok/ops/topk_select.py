@@ -34,15 +34,6 @@ from torch import Tensor
 from ..backends import Op
 from . import common
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _triton():
-    from adaptok.kernels import topk_select
-
-    return topk_select
-
-
 # ------------------------------------------------------------------ host sizes
 
 
@@ -140,10 +131,10 @@ def _check_values(x, cu_seqlens, keep, cu_seqlens_out, total_out, max_seqlen, fu
 
 def _example(device, dtype, lengths=(50, 197, 1), channels=384, keep_rate=0.7):
     x = torch.randn(sum(lengths), channels, device=device).to(dtype)
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    cu = common.cu_seqlens(lengths, device)
     keep = keep_counts(lengths, keep_rate)
     out_lengths = output_lengths(lengths, keep, True)
-    cu_out = torch.tensor([0, *torch.tensor(out_lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    cu_out = common.cu_seqlens(out_lengths, device)
     cls_attn = torch.rand(sum(lengths), device=device, dtype=torch.promote_types(dtype, torch.float32))
     keep = torch.tensor(keep, dtype=torch.int32, device=device)
     return x, cu, cls_attn, keep, cu_out, sum(out_lengths), max(lengths), True, False
@@ -196,8 +187,8 @@ def _cuda_check(x, cu_seqlens, cls_attn, keep, cu_seqlens_out, total_out, max_se
     return f"sequences up to {CUDA_MAX_SEQLEN} tokens, got max_seqlen {max_seqlen}" if max_seqlen > CUDA_MAX_SEQLEN else None
 
 
-@TOPK_SELECT.register("cuda", dtypes=_FLOATS, ext_op="ext_topk_select", check=_cuda_check)
-@TOPK_SELECT.register("cpu", dtypes=_FLOATS, ext_op="ext_topk_select")
+@TOPK_SELECT.register("cuda", dtypes=common.FLOATS, ext_op="ext_topk_select", check=_cuda_check)
+@TOPK_SELECT.register("cpu", dtypes=common.FLOATS, ext_op="ext_topk_select")
 def _topk_select_ext(x, cu_seqlens, cls_attn, keep, cu_seqlens_out, total_out, max_seqlen, fuse, renormalize):
     out = common.empty((total_out, x.shape[1]), x)
     kept_index = common.empty((total_out,), x, torch.int64)
@@ -206,11 +197,11 @@ def _topk_select_ext(x, cu_seqlens, cls_attn, keep, cu_seqlens_out, total_out, m
     return out, kept_index
 
 
-@TOPK_SELECT.register("triton", dtypes=_FLOATS)
+@TOPK_SELECT.register("triton", dtypes=common.FLOATS)
 def _topk_select_triton(x, cu_seqlens, cls_attn, keep, cu_seqlens_out, total_out, max_seqlen, fuse, renormalize):
     out = common.empty((total_out, x.shape[1]), x)
     kept_index = common.empty((total_out,), x, torch.int64)
-    _triton().forward(x, cu_seqlens, cls_attn, keep, cu_seqlens_out, max_seqlen, fuse, renormalize, out, kept_index)
+    common.triton_kernels("topk_select").forward(x, cu_seqlens, cls_attn, keep, cu_seqlens_out, max_seqlen, fuse, renormalize, out, kept_index)
     return out, kept_index
 
 
@@ -369,12 +360,9 @@ def select_tokens(x, cu_seqlens, max_seqlen, cls_attn, keep_rate, keep, fuse, re
         raise ValueError(f"cu_seqlens holds a sequence of {max(lengths)} tokens, more than max_seqlen = {max_seqlen}")
     counts = keep_counts(lengths, _check_keep_rate(keep_rate)) if keep is None else _host_keep(keep, lengths, x.device)
     out_lengths = output_lengths(lengths, counts, fuse)
-    offsets = [0]
-    for m in out_lengths:
-        offsets.append(offsets[-1] + m)
-    cu_out = torch.tensor(offsets, dtype=torch.int32).to(x.device, non_blocking=True)
+    cu_out = common.cu_seqlens(out_lengths, x.device)
     keep_t = torch.tensor(counts, dtype=torch.int32).to(x.device, non_blocking=True)
     cls_attn = cls_attn.to(torch.promote_types(x.dtype, torch.float32))
     op = torch.ops.adaptok.topk_select if common.dispatcher_needed(x, cls_attn) else _topk_select_body
-    x_out, kept_index = op(x, cu_seqlens, cls_attn, keep_t, cu_out, offsets[-1], max_seqlen, fuse, renormalize)
+    x_out, kept_index = op(x, cu_seqlens, cls_attn, keep_t, cu_out, sum(out_lengths), max_seqlen, fuse, renormalize)
     return x_out, cu_out, out_lengths, kept_index

@@ -36,22 +36,13 @@ from torch import Tensor
 from ..backends import Op, backend_unavailable
 from . import common
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _triton():
-    from adaptok.kernels import varlen_attention
-
-    return varlen_attention
-
-
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
     """dtype of ``lse`` and ``cls``: fp32 (fp64 for fp64 inputs)."""
     return torch.promote_types(dtype, torch.float32)
 
 
 def _example(device, dtype, lengths=(50, 197, 1), heads=6, head_dim=64):
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    cu = common.cu_seqlens(lengths, device)
     q, k, v = torch.randn(3, sum(lengths), heads, head_dim, device=device).to(dtype).unbind(0)
     return q, k, v, cu, max(lengths), head_dim ** -0.5, True
 
@@ -90,7 +81,7 @@ def _triton_check(q, *args) -> Optional[str]:
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         # Measured: outputs ~1e9 off; fp16 and fp32 are exact there.
         return "bf16 is wrong in the Triton interpreter (its bf16 tl.dot); bf16 runs compiled on a GPU"
-    limit = _triton().MAX_HEAD_DIM
+    limit = common.triton_kernels("varlen_attention").MAX_HEAD_DIM
     if q.shape[-1] > limit:
         return f"head dim up to {limit}, got {q.shape[-1]}"
     return None
@@ -157,16 +148,16 @@ def varlen_attention_reference(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tens
     return out, lse, cls
 
 
-@VARLEN_ATTENTION.register("triton", dtypes=_FLOATS, check=_triton_check)
+@VARLEN_ATTENTION.register("triton", dtypes=common.FLOATS, check=_triton_check)
 def _forward_triton(q, k, v, cu_seqlens, max_seqlen, scale, return_cls):
     out, lse, cls = _outputs(q, return_cls)
-    _triton().forward(q, k, v, cu_seqlens, max_seqlen, scale, out, lse, cls if return_cls else None)
+    common.triton_kernels("varlen_attention").forward(q, k, v, cu_seqlens, max_seqlen, scale, out, lse, cls if return_cls else None)
     return out, lse, cls
 
 
 @VARLEN_ATTENTION.register("cuda", dtypes=(torch.float16, torch.bfloat16), ext_op="ext_varlen_attention",
                            check=_cuda_check)
-@VARLEN_ATTENTION.register("cpu", dtypes=_FLOATS, ext_op="ext_varlen_attention")
+@VARLEN_ATTENTION.register("cpu", dtypes=common.FLOATS, ext_op="ext_varlen_attention")
 def _forward_ext(q, k, v, cu_seqlens, max_seqlen, scale, return_cls):
     out, lse, cls = _outputs(q, return_cls)
     torch.ops.adaptok.ext_varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, out, lse, cls)
@@ -265,15 +256,15 @@ def _triton_backward_check(dout, dlse, dcls, q, *rest) -> Optional[str]:
     return backend_unavailable("triton") or _triton_check(q)
 
 
-@VARLEN_ATTENTION_BACKWARD.register("cuda", dtypes=_FLOATS, check=_triton_backward_check,
+@VARLEN_ATTENTION_BACKWARD.register("cuda", dtypes=common.FLOATS, check=_triton_backward_check,
                                     note="the Triton kernel (there is no CUDA backward kernel)")
-@VARLEN_ATTENTION_BACKWARD.register("triton", dtypes=_FLOATS, check=_triton_backward_check)
+@VARLEN_ATTENTION_BACKWARD.register("triton", dtypes=common.FLOATS, check=_triton_backward_check)
 def _backward_triton(dout, dlse, dcls, q, k, v, out, lse, cls, cu_seqlens, max_seqlen, scale):
     T, H, D = q.shape
     dq, dk, dv = (common.empty((T, H, D), q) for _ in range(3))
     delta = torch.empty((H, T), dtype=torch.float32, device=q.device)
     stat = lambda g: None if g is None else g.to(torch.float32).contiguous()  # noqa: E731
-    _triton().backward(_last_dim_contiguous(dout), q, k, v, out, lse, cls, stat(dlse), stat(dcls), cu_seqlens,
+    common.triton_kernels("varlen_attention").backward(_last_dim_contiguous(dout), q, k, v, out, lse, cls, stat(dlse), stat(dcls), cu_seqlens,
                        scale, dq, dk, dv, delta)
     return dq, dk, dv
 

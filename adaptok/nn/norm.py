@@ -1,4 +1,4 @@
-"""``nn.Module`` building blocks over :class:`adaptok.RaggedBatch`."""
+"""ReViT's token-length-aware LayerNorm over packed ragged batches."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -6,18 +6,21 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .ops import common
-from .ops.segment_layer_norm import segment_layer_norm
-from .ragged import RaggedBatch
+from ..ops import common
+from ..ops.segment_layer_norm import segment_layer_norm
+from ..ragged import RaggedBatch
+from .layout_aware import LayoutAware
 
 
-class TokenLengthLayerNorm(nn.Module):
+class TokenLengthLayerNorm(LayoutAware, nn.Module):
     """ReViT's token-length-aware LayerNorm: one LayerNorm (weight and bias)
     per token grid, each sequence of a packed batch normalized with its grid's.
 
     A batch that mixes 14x14, 10x10 and 7x7 images runs in one fused kernel
     (:func:`adaptok.ops.segment_layer_norm`), with the residual add of a
-    pre-norm block optionally fused in front.
+    pre-norm block optionally fused in front. It is :class:`LayoutAware`:
+    as ``norm1``, ``norm2`` or the final ``norm`` of a patched timm ViT it is
+    called with the packed tokens and their layout.
 
     Args:
         normalized_shape: C, the channels.
@@ -83,22 +86,37 @@ class TokenLengthLayerNorm(nn.Module):
                                  f"got {grid[bad][0].item()}")
         return group
 
-    def forward(self, x: RaggedBatch, residual: Optional[Tensor] = None):
-        """Normalize ``x.values`` (``[T, C]``) per sequence with its grid's pair.
+    def forward(self, x, layout: Optional[RaggedBatch] = None, residual: Optional[Tensor] = None):
+        """Normalize every sequence with its grid's weight and bias.
 
-        With ``residual`` (``[T, C]``), normalizes ``h = x.values + residual``
-        and returns ``(normalized batch, h)``.
+        Called as ``norm(batch)`` with a :class:`RaggedBatch` (returns one),
+        or as ``norm(values, layout)`` with packed ``values [T, C]`` laid out
+        as ``layout`` (returns ``[T, C]``; how patched blocks call it). The
+        layout must carry grid tags.
+
+        With ``residual`` (``[T, C]``), normalizes ``h = values + residual``
+        and returns ``(normalized, h)``.
         """
-        if not isinstance(x, RaggedBatch):
-            raise TypeError(f"x must be a RaggedBatch (with grid tags), got {type(x).__name__}")
-        if x.grid is None:
+        if isinstance(x, RaggedBatch):
+            if layout is not None:
+                raise TypeError("layout must be None when x is a RaggedBatch (it is its own layout)")
+            values, layout = x.values, x
+        elif isinstance(x, Tensor) and isinstance(layout, RaggedBatch):
+            values = x
+            if values.shape[0] != layout.total_tokens:
+                raise ValueError(f"x must have the layout's {layout.total_tokens} rows, got {values.shape[0]}")
+        else:
+            raise TypeError(f"x must be a RaggedBatch (with grid tags), or [T, C] values with their RaggedBatch "
+                            f"layout; got {type(x).__name__} and {type(layout).__name__}")
+        if layout.grid is None:
             raise ValueError("x must carry grid tags (RaggedBatch(..., grid=...)) to pick each sequence's norm")
-        out = segment_layer_norm(x.values, x.cu_seqlens, self.groups(x.grid), self.weight, self.bias, self.eps,
-                                 residual=residual)
+        out = segment_layer_norm(values, layout.cu_seqlens, self.groups(layout.grid), self.weight, self.bias,
+                                 self.eps, residual=residual)
+        wrap = x.with_values if isinstance(x, RaggedBatch) else (lambda v: v)
         if residual is not None:
             y, h = out
-            return x.with_values(y), h
-        return x.with_values(out)
+            return wrap(y), h
+        return wrap(out)
 
     def extra_repr(self) -> str:
         return (f"{self.normalized_shape}, grids={self.grids}, eps={self.eps}, "

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .vit import _inverse, _take, resize_images
+from ..layout import TokenLayout
 
 
 def _check_scope(model: nn.Module) -> None:
@@ -35,10 +35,6 @@ def _check_scope(model: nn.Module) -> None:
                          f"{', gated attention' if gated else ''}")
 
 
-def _resize(images: Tensor, model: nn.Module) -> Tensor:
-    return resize_images(images, tuple(model.patch_embed.img_size))
-
-
 def at_grid(model: nn.Module, grid: int) -> nn.Module:
     """A copy of ``model`` for images of ``grid`` x ``grid`` patches (timm's
     ``set_input_size`` resamples the position table), or ``model`` itself."""
@@ -48,18 +44,6 @@ def at_grid(model: nn.Module, grid: int) -> nn.Module:
     out = copy.deepcopy(model)
     out.set_input_size(img_size=(grid * ph, grid * pw))
     return out
-
-
-def _groups(grid: Sequence[int]) -> dict[int, list[int]]:
-    members: dict[int, list[int]] = {}
-    for i, g in enumerate(grid):
-        members.setdefault(int(g), []).append(i)
-    return members
-
-
-def _in_input_order(out: Tensor, members: dict[int, list[int]]) -> Tensor:
-    """Rows of ``out``, grouped as ``members``, back in input order."""
-    return _take(out, _inverse([i for idx in members.values() for i in idx]))
 
 
 def _attention_with_probs(attn: nn.Module, x: Tensor):
@@ -110,11 +94,17 @@ class SeparateBatches:
     def __init__(self, model: nn.Module, grids: Sequence[int]):
         _check_scope(model)
         self.models = {g: at_grid(model, g) for g in grids}
+        self.patch_size = tuple(model.patch_embed.patch_size)
 
     def __call__(self, images: Tensor, grid: Sequence[int]) -> Tensor:
-        members = _groups(grid)
-        parts = [self.models[g](_resize(_take(images, idx), self.models[g])) for g, idx in members.items()]
-        return _in_input_order(torch.cat(parts), members)
+        layout, groups = self._groups(images, grid)
+        return layout.restore(torch.cat([self.models[g](x) for (g, _), x in zip(layout.groups, groups)]))
+
+    def _groups(self, images: Tensor, grid: Sequence[int]):
+        """The batch's :class:`TokenLayout` and its images per group, resized
+        for their grid."""
+        layout = TokenLayout.from_grid(grid, images.shape[0])
+        return layout, layout.group_images(images, self.patch_size)
 
 
 class PaddedMixedGrid(SeparateBatches):
@@ -127,11 +117,9 @@ class PaddedMixedGrid(SeparateBatches):
         self.model = model
 
     def __call__(self, images: Tensor, grid: Sequence[int]) -> Tensor:
-        members = _groups(grid)
-        groups = []
-        for g, idx in members.items():
-            m = self.models[g]
-            groups.append(m.norm_pre(m._pos_embed(m.patch_embed(_resize(_take(images, idx), m)))))
+        layout, images = self._groups(images, grid)
+        groups = [self.models[g].norm_pre(self.models[g]._pos_embed(self.models[g].patch_embed(x)))
+                  for (g, _), x in zip(layout.groups, images)]
         longest = max(x.shape[1] for x in groups)
         lengths = [x.shape[1] for x in groups for _ in range(x.shape[0])]
         x = torch.cat([F.pad(x, (0, 0, 0, longest - x.shape[1])) for x in groups])
@@ -139,4 +127,4 @@ class PaddedMixedGrid(SeparateBatches):
         mask = (torch.arange(longest, device=x.device) < lengths[:, None])[:, None, None, :]  # [B, 1, 1, L]
         for blk in self.model.blocks:
             x = blk(x, attn_mask=mask)
-        return _in_input_order(self.model.forward_head(self.model.norm(x)), members)
+        return layout.restore(self.model.forward_head(self.model.norm(x)))

@@ -20,7 +20,7 @@ Variants, each at the batch size and at batch size 1:
 Resizing, packing and reordering are inside the timed calls. On the CPU the
 memory allocator is left as it is (glibc maps fresh pages for tensors over
 32 MiB, which costs large batches page faults); ``--steady-allocator`` makes
-it reuse freed memory instead (:func:`adaptok.benchmarking.steady_allocator`).
+it reuse freed memory instead (:func:`adaptok.bench.timing.steady_allocator`).
 The GPU runs
 bfloat16 with 256 images (512 mixed); the CPU 32 images, in bfloat16 when it
 computes bf16 natively (AVX-512 BF16 or AMX), else float32. The best of
@@ -46,10 +46,11 @@ from typing import Callable, Optional
 import torch
 
 import adaptok
-from adaptok import baselines
-from adaptok.benchmarking import environment, steady_allocator, summarize, synchronize, time_once
-from adaptok.info import default_device
-from adaptok.vit import macs
+from adaptok.bench import baselines
+from adaptok.bench.timing import environment, steady_allocator, summarize, synchronize, time_once
+from adaptok.cost import macs
+from adaptok.devices import cpu_has_bf16, default_device
+from adaptok.layout import mixed_grids
 
 
 @dataclass
@@ -65,12 +66,6 @@ class Variant:
     images: int
     single_images: int
     macs: float
-
-
-def mixed_grids(batch: int, mix: float, small: int, large: int) -> list[int]:
-    """A fraction ``mix`` of the images at ``small``, spread evenly through
-    the batch (so packing has to regroup them)."""
-    return [small if int((i + 1) * mix) > int(i * mix) else large for i in range(batch)]
 
 
 def build(args, device: torch.device, dtype: torch.dtype) -> list[Variant]:
@@ -178,16 +173,6 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, sizes=(1024, 2048, 409
             seconds = summarize([time_once(lambda: a @ b, device) for _ in range(repeats)])["median_s"]
             by_size[n] = 2 * n ** 3 / seconds
     return {"best": max(by_size.values()), "by_size": by_size}
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
 def report(args, device, dtype, variants: list[Variant], samples: dict, peak: float) -> dict:

@@ -1,4 +1,7 @@
-"""Timing and provenance shared by ``adaptok-bench`` and the ``bench/`` suite."""
+"""Timing and provenance shared by ``adaptok-bench`` and the ``bench/``
+suite: one call timed (CUDA events on a GPU), medians and spread, the
+allocator setting, the environment every result records, and the machine
+ceilings (peaks, attention work)."""
 from __future__ import annotations
 
 import datetime
@@ -12,6 +15,7 @@ from typing import Callable
 import torch
 
 import adaptok
+from adaptok.devices import device_name, extension_status, package_version
 
 
 def synchronize(device: torch.device) -> None:
@@ -32,24 +36,6 @@ def time_once(fn: Callable[[], object], device: torch.device) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
-
-
-def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, repeats: int = 20,
-            min_time: float = 0.0) -> list[float]:
-    """Seconds per call of ``fn``, one sample per call after ``warmup`` calls.
-
-    On a GPU each call is timed with CUDA events; on the CPU with
-    ``perf_counter``. Runs at least ``repeats`` calls and at least ``min_time``
-    seconds.
-    """
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    samples: list[float] = []
-    start_all = time.perf_counter()
-    while len(samples) < repeats or time.perf_counter() - start_all < min_time:
-        samples.append(time_once(fn, device))
-    return samples
 
 
 def summarize(samples: list[float]) -> dict:
@@ -92,8 +78,6 @@ def _git_commit() -> str:
 
 def environment(device: torch.device) -> dict:
     """Device, versions and commit, recorded with every result."""
-    from adaptok.info import _version, device_name, extension_status
-
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device_name(device),
@@ -102,7 +86,7 @@ def environment(device: torch.device) -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "triton": _version("triton"),
+        "triton": package_version("triton"),
         "extension": extension_status(),
         "threads": torch.get_num_threads(),
     }

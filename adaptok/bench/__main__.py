@@ -1,0 +1,3 @@
+from adaptok.bench import main
+
+main()
