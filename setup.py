@@ -108,5 +108,6 @@ setup(
         "bench": ["timm>=1.0", "tqdm", "matplotlib", "pytest-benchmark"],
         "test": ["timm>=1.0", "pytest", "pytest-benchmark"],
     },
-    entry_points={"console_scripts": ["adaptok-bench=adaptok.bench:main"]},
+    entry_points={"console_scripts": ["adaptok-bench=adaptok.bench:main", "adaptok-train=adaptok.train.cli:main",
+                                     "adaptok-eval=adaptok.evaluate:main"]},
 )

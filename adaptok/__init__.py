@@ -20,7 +20,8 @@ from .train.schedules import keep_rate_schedule
 
 # Served on first use (timm_vit imports timm; the packages import it lazily).
 _LAZY = {"patch": ("timm_vit", "patch"), "timm_vit": ("timm_vit", None), "models": ("models", None),
-         "bench": ("bench", None), "train": ("train", None)}
+         "bench": ("bench", None), "train": ("train", None), "data": ("data", None),
+         "evaluate": ("evaluate", None)}
 
 
 def __getattr__(name):
@@ -32,5 +33,5 @@ def __getattr__(name):
 
 
 __all__ = ["BACKENDS", "BackendError", "RaggedBatch", "TokenLayout", "UnsupportedModelError", "backend", "bench",
-           "keep_rate_schedule", "models", "nn", "ops", "patch", "timm_vit", "topk_select", "train",
-           "varlen_attention", "__version__"]
+           "data", "evaluate", "keep_rate_schedule", "models", "nn", "ops", "patch", "timm_vit", "topk_select",
+           "train", "varlen_attention", "__version__"]

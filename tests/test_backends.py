@@ -90,12 +90,13 @@ def test_backend_from_environment():
 
 def test_import_is_lean():
     """import adaptok and its subpackages (nn, layout, cost, models, train,
-    bench, devices, info) load neither triton, the extension nor timm, and
+    data, evaluate, bench, devices, info) load neither triton, the extension nor timm, and
     leave CUDA uninitialized; adaptok.patch loads timm on first use."""
     result = run_python("""
         import sys, torch, adaptok
         import adaptok.bench, adaptok.cost, adaptok.devices, adaptok.info, adaptok.layout, adaptok.models
         import adaptok.models.evit, adaptok.nn, adaptok.nn.attention, adaptok.nn.prune, adaptok.train
+        import adaptok.train.cli, adaptok.data, adaptok.evaluate
         print("triton" in sys.modules, "adaptok._C" in sys.modules, "timm" in sys.modules, torch.cuda.is_initialized())
         adaptok.patch
         print("timm" in sys.modules)

@@ -217,7 +217,7 @@ def test_prefix_per_group_errors_name_the_argument():
         (lambda: op(patches, pos, [prefixes[0][:, :3], None, None]), ValueError,
          r"prefix\[0\] must have shape \[n_g, C\] with C = 40"),
         (lambda: op(patches, pos, [None, None, prefixes[2].half()]), TypeError, r"prefix\[2\] must have the dtype"),
-        (lambda: op(patches, pos, "cls"), TypeError, "prefix must be None, a \[n, C\] tensor or one per group"),
+        (lambda: op(patches, pos, "cls"), TypeError, r"prefix must be None, a \[n, C\] tensor or one per group"),
     ]
     for fn, kind, message in cases:
         with pytest.raises(kind, match=message):

@@ -1,0 +1,126 @@
+"""Training methods: the lab's hook that turns a batch into a loss.
+
+The loop (:func:`adaptok.train.train`) owns data, optimizer, schedule,
+precision, DDP and checkpoints; a :class:`Method` owns what the model does
+with a batch. A new family (ReViT's multi-length self-distillation, CF-ViT's
+coarse + fine loss, a router) is a new ``Method``, not a copy of the loop::
+
+    class MyMethod(Method):
+        name = "mine"
+        def loss(self, model, images, targets, criterion):
+            return criterion(model(images, grid=7), targets)
+
+    adaptok.train.train(config, method=MyMethod())
+
+``model`` is what the loop calls (the DDP wrapper under ``torchrun``);
+:meth:`Method.setup` and :meth:`Method.step` get the bare module to
+configure. Methods registered in :data:`METHODS` are reachable as
+``adaptok-train --method NAME --method-arg key=value``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor, nn
+
+from ..layout import host_grid
+from .schedules import keep_rate_schedule
+
+
+class Method:
+    """Plain supervised training at the model's grid, or at ``grid``.
+
+    Args:
+        grid: the token grid side every image runs at, in training and in
+            evaluation (None: the model's own).
+    """
+
+    name = "ce"
+
+    def __init__(self, grid: Optional[int] = None):
+        if grid is not None:
+            host_grid(grid, 1)  # a clear error naming grid, before any training
+        self.grid = grid
+
+    def setup(self, model: nn.Module) -> None:
+        """Once, before training or evaluation, on the bare patched model."""
+
+    def step(self, model: nn.Module, epoch: float) -> None:
+        """Before every training step; ``epoch`` counts fractionally
+        (epoch 2, a quarter through: 2.25)."""
+
+    def forward(self, model, images: Tensor) -> Tensor:
+        """``images [B, C, H, W]`` -> logits ``[B, classes]`` as this method
+        runs the model (also what evaluation calls)."""
+        return model(images, grid=self.grid)
+
+    def loss(self, model, images: Tensor, targets: Tensor, criterion) -> Tensor:
+        """The scalar training loss of one batch. ``targets`` are class
+        indices ``[B]``, or soft targets ``[B, classes]`` under mixup;
+        ``criterion`` is the loop's (label smoothing, soft targets)."""
+        return criterion(self.forward(model, images), targets)
+
+    def state(self) -> dict:
+        """What describes this method in records and checkpoints."""
+        return {"method": self.name, "grid": self.grid}
+
+
+CrossEntropy = Method
+
+
+class EViT(Method):
+    """EViT: train with a keep rate in the model's prune layers.
+
+    Args:
+        keep_rate: the target keep rate in (0, 1] (EViT: 0.7).
+        start, end: with both, the keep rate follows EViT's schedule
+            (:func:`adaptok.keep_rate_schedule`): 1 until epoch ``start``, a
+            cosine down to ``keep_rate`` at ``end``, then ``keep_rate``
+            (EViT from scratch: 10 and 110 of 300 epochs). Without them it
+            is fixed (EViT's fine-tuning recipe).
+        prune_layers: 0-indexed blocks that prune (default: the model's
+            ``prune_layers``, set when it was patched).
+        grid: as :class:`Method`.
+    """
+
+    name = "evit"
+
+    def __init__(self, keep_rate: float = 0.7, start: Optional[float] = None, end: Optional[float] = None,
+                 prune_layers: Optional[tuple] = None, grid: Optional[int] = None):
+        super().__init__(grid)
+        if (start is None) != (end is None):
+            raise ValueError(f"start and end must be given together (the keep-rate schedule), got start={start!r}, "
+                             f"end={end!r}")
+        if start is not None:
+            if isinstance(keep_rate, bool) or not isinstance(keep_rate, (int, float)) or not 0 < keep_rate <= 1:
+                raise ValueError(f"keep_rate must be a float in (0, 1] with a schedule, got {keep_rate!r}")
+            keep_rate_schedule(0.0, keep_rate, start, end)  # checks start < end
+        self.keep_rate, self.start, self.end = keep_rate, start, end
+        self.prune_layers = None if prune_layers is None else tuple(prune_layers)
+
+    def setup(self, model: nn.Module) -> None:
+        if self.prune_layers is not None:
+            model._configure(self.keep_rate, self.prune_layers, model._adaptok_fuse)
+        else:
+            model.keep_rate = self.keep_rate  # raises naming keep_rate on a model without a class token
+
+    def step(self, model: nn.Module, epoch: float) -> None:
+        if self.start is not None:
+            model.keep_rate = keep_rate_schedule(epoch, self.keep_rate, self.start, self.end)
+
+    def state(self) -> dict:
+        return {**super().state(), "keep_rate": self.keep_rate, "start": self.start, "end": self.end,
+                "prune_layers": self.prune_layers}
+
+
+METHODS = {"ce": Method, "evit": EViT}
+
+
+def create_method(name: str = "ce", **kwargs) -> Method:
+    """``METHODS[name](**kwargs)``, with errors naming ``method``."""
+    if name not in METHODS:
+        raise ValueError(f"method must be one of {sorted(METHODS)}, got {name!r}")
+    try:
+        return METHODS[name](**kwargs)
+    except TypeError as e:
+        raise TypeError(f"method {name!r}: {e}") from None
