@@ -94,6 +94,12 @@ def stratified_split(labels: np.ndarray, val_per_class: int = VAL_PER_CLASS,
     return {k: interleave(v) for k, v in parts.items()}
 
 
+def _check_limit(limit):
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+    return limit
+
+
 class AnimalMNIST(Dataset):
     """One split of animal-mnist as ``(image, label)`` pairs: a PIL image
     (mode ``"L"`` for ``channels=1``, ``"RGB"`` for 3: the gray repeated),
@@ -115,9 +121,7 @@ class AnimalMNIST(Dataset):
             raise ValueError(f"channels must be 1 or 3, got {channels!r}")
         images, labels = animal_mnist_arrays()
         idx = stratified_split(labels)[split]
-        if limit is not None:
-            if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-                raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+        if _check_limit(limit) is not None:
             idx = idx[:limit]
         self.indices = idx
         self.images = images[idx]
@@ -156,9 +160,12 @@ def create_dataset(data: str, split: str = "train", channels: int = 3, limit: Op
     """The ``split`` of ``data``: animal-mnist (:class:`AnimalMNIST`) or an
     ImageFolder root, read by ``timm.data.create_dataset`` (``root/split``
     when that folder exists, else ``root`` itself). Images come as PIL, in
-    mode ``"L"`` for ``channels=1`` and ``"RGB"`` for 3."""
+    mode ``"L"`` for ``channels=1`` and ``"RGB"`` for 3. ``limit`` keeps the
+    first images: balanced for animal-mnist, in timm's path order (so the
+    first classes) for a folder."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    _check_limit(limit)
     if source(data) == ANIMAL_MNIST:
         return AnimalMNIST(split, channels=channels, limit=limit)
     if channels not in (1, 3):
@@ -172,6 +179,16 @@ def create_dataset(data: str, split: str = "train", channels: int = 3, limit: Op
     if limit is not None:
         dataset = _Transformed(torch.utils.data.Subset(dataset, range(min(limit, len(dataset)))))
     return dataset
+
+
+# The transform settings that evaluation shares with training.
+EVAL_KEYS = ("mean", "std", "crop_pct", "crop_mode", "crop_border_pixels", "interpolation")
+
+
+def eval_settings(aug: dict) -> dict:
+    """The keys of training overrides ``aug`` that evaluation must use too
+    (normalization, crop, interpolation)."""
+    return {k: v for k, v in aug.items() if k in EVAL_KEYS}
 
 
 def class_count(data: str) -> int:
@@ -232,6 +249,9 @@ def create_loader(data: str, split: str, batch_size: int, img_size: int, channel
         settings[key] = tuple(value) if isinstance(value, (tuple, list)) else (float(value),) * channels
         if len(settings[key]) != channels:
             settings[key] = (sum(settings[key]) / len(settings[key]),) * channels
+    # Workers start afresh every epoch, seeded from the main process's RNG, so
+    # reseeding it per epoch fixes every augmentation (and resume is exact).
+    settings.setdefault("persistent_workers", False)
     return timm_loader(dataset, input_size=(channels, img_size, img_size), batch_size=batch_size,
                        is_training=training, use_prefetcher=False, num_workers=workers, distributed=distributed,
                        **settings)

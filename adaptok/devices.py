@@ -33,6 +33,15 @@ def cpu_has_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 natively: a CUDA GPU with bf16 units
+    (Ampere or newer), or a CPU with AVX-512 BF16 or AMX. Elsewhere bf16 is
+    emulated, and slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return device.type == "cpu" and cpu_has_bf16()
+
+
 def package_version(pkg: str) -> str:
     try:
         return importlib.metadata.version(pkg)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .cost import macs
-from .devices import cpu_has_bf16
+from .devices import native_bf16
 from .layout import host_grid
 
 
@@ -43,10 +43,12 @@ def images_macs(model: nn.Module, grid, batch: int) -> torch.Tensor:
     return torch.tensor([per_side[g] for g in sides], dtype=torch.int64)
 
 
-def _run(model, images: torch.Tensor, grid) -> tuple[torch.Tensor, torch.Tensor]:
+def _run(model, images: torch.Tensor, grid) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(logits, macs [B] or None)``: None when the cost follows from the
+    grid and keep rates (counted outside the timed region)."""
     if hasattr(model, "forward_with_macs"):
         return model.forward_with_macs(images)
-    return model(images, grid=grid), images_macs(model, grid, images.shape[0])
+    return model(images, grid=grid), None
 
 
 @torch.no_grad()
@@ -71,7 +73,7 @@ def evaluate(model: nn.Module, loader, *, grid=None, device: Optional[str] = Non
         "images_per_s", "images", "precision", "device"}``.
     """
     dev = torch.device(device or next(model.parameters()).device)
-    amp = (dev.type == "cuda" or (dev.type == "cpu" and cpu_has_bf16())) if amp is None else amp
+    amp = native_bf16(dev) if amp is None else amp
     was = model.training
     model.eval().to(dev)
     logits, labels, costs = [], [], []
@@ -92,6 +94,8 @@ def evaluate(model: nn.Module, loader, *, grid=None, device: Optional[str] = Non
                 torch.cuda.synchronize(dev)
             seconds += time.perf_counter() - t0
             timed += images.shape[0]
+        if spent is None:
+            spent = images_macs(model, grid, images.shape[0])
         logits.append(out.float().cpu())
         labels.append(targets.cpu())
         costs.append(spent.cpu())
@@ -165,7 +169,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model-arg", action="append", type=key_value, default=[], metavar="KEY=VALUE")
     p.add_argument("--pretrained", action="store_true", help="timm's pretrained weights")
     p.add_argument("--ema", action="store_true", help="the checkpoint's EMA weights")
-    p.add_argument("--data", default="animal-mnist", help="'animal-mnist' or an ImageFolder root")
+    p.add_argument("--data", help="'animal-mnist' or an ImageFolder root (default: the checkpoint's, else "
+                                   "animal-mnist)")
     p.add_argument("--split", default="val", choices=("train", "val"))
     p.add_argument("--limit", type=int, help="only the first N images of the split")
     p.add_argument("--batch-size", type=int, default=256)
@@ -203,11 +208,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              **dict(args.model_arg))
         dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model.to(dev)
-        loader = lab_data.create_loader(args.data, args.split, args.batch_size, int(model.patch_embed.img_size[0]),
+        trained = model.adaptok_config  # evaluate with the training run's data and normalization
+        data = args.data or trained.get("data") or lab_data.ANIMAL_MNIST
+        loader = lab_data.create_loader(data, args.split, args.batch_size, int(model.patch_embed.img_size[0]),
                                         int(model.patch_embed.proj.in_channels), training=False,
-                                        workers=args.workers, limit=args.limit)
+                                        workers=args.workers, limit=args.limit,
+                                        **lab_data.eval_settings(trained.get("aug", {})))
         grid = args.grid if args.grid is not None else model.adaptok_method.get("grid")  # as trained
         rates = args.keep_rate or [model.keep_rate]
+        if args.npz and len(rates) > 1 and "{keep}" not in args.npz:
+            raise ValueError("--npz needs '{keep}' in its path with several --keep-rate values (one file each)")
+        if args.prune_layers and rates == [None]:
+            raise ValueError("--prune-layers needs a keep rate (--keep-rate, or a checkpoint trained with one)")
         points = []
         for rate in rates:
             model._configure(rate, args.prune_layers or model.prune_layers, model._adaptok_fuse)
@@ -222,7 +234,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"adaptok-eval: {e}", file=sys.stderr)
         return 2
     result = {"name": args.name or os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint or "model"))),
-              "checkpoint": args.checkpoint, "model": args.model, "data": args.data, "split": args.split,
+              "checkpoint": args.checkpoint, "model": args.model, "data": data, "split": args.split,
               "points": points}
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import adaptok
 from adaptok.train import EViT, Method, TrainConfig, create_method, create_model, train
 from adaptok.train.cli import main as train_main
+from adaptok.train.loop import _seed
 
 from test_vit import evit_reference
 
@@ -59,8 +60,10 @@ def test_resume_equals_the_uninterrupted_run(tmp_path):
     full = train(tiny(tmp_path / "a", **cfg), progress=False)
     with pytest.raises(KeyboardInterrupt):
         train(tiny(tmp_path / "b", **cfg), method=Crash(1.5), progress=False)
-    assert torch.load(tmp_path / "b" / "run" / "last.pth", weights_only=True)["epoch"] == 1
+    saved = torch.load(tmp_path / "b" / "run" / "last.pth", weights_only=True)
+    assert saved["epoch"] == 1
     resumed = train(tiny(tmp_path / "b", **cfg), progress=False)
+    assert resumed["records"][0] == saved["records"][0]  # epoch 1 was not rerun (its timing is kept)
     a, b = params(full["checkpoint"]), params(resumed["checkpoint"])
     assert all(torch.equal(a[k], b[k]) for k in a)
     ema_a = torch.load(full["checkpoint"], weights_only=True)["state_dict_ema"]
@@ -72,10 +75,15 @@ def test_resume_equals_the_uninterrupted_run(tmp_path):
 
 
 def test_resume_refuses_another_configuration(tmp_path):
-    train(tiny(tmp_path), progress=False)
+    cfg = tiny(tmp_path, aug={"no_aug": True, "scale": (0.5, 1.0)})
+    train(cfg, progress=False)
     with pytest.raises(ValueError, match=r"another configuration \(differs in \['lr'\]\)"):
-        train(tiny(tmp_path, lr=1e-2), progress=False)
-    train(tiny(tmp_path, lr=1e-2, resume=False), progress=False)  # starts over
+        train({**cfg, "lr": 1e-2}, progress=False)
+    with pytest.raises(ValueError, match=r"differs in \['method'\]"):
+        train(cfg, method=EViT(0.5, prune_layers=[1]), progress=False)
+    # The run's config.json (tuples as lists) reruns it: finished, nothing more to train.
+    assert train_main(["--config", str(tmp_path / "run" / "config.json")]) == 0
+    train({**cfg, "lr": 1e-2, "resume": False}, progress=False)  # starts over
 
 
 def torchrun(nproc, config, out):
@@ -93,6 +101,7 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
                                       method_args={"keep_rate": 0.7, "prune_layers": [1]})))
     one = torchrun(1, config, tmp_path / "one")
     two = torchrun(2, config, tmp_path / "two")
+    _seed(0)  # the run's own initialization
     start = create_model(TINY["model"], num_classes=10, **TINY["model_kwargs"]).state_dict()
     moved = max(float((one[k] - start[k]).abs().max()) for k in one)
     assert moved > 1e-3  # training happened
@@ -171,6 +180,8 @@ def test_cli_train_then_eval_then_plot(tmp_path, capsys):
     assert result["points"][0]["gmacs"] < result["points"][1]["gmacs"]
     assert (tmp_path / "l0.5.npz").exists()
     assert eval_main(["--plot", str(tmp_path / "p.png"), str(tmp_path / "e.json")]) == 0
+    assert eval_main(["--checkpoint", ck, "--keep-rate", "0.5", "1.0", "--npz", str(tmp_path / "one.npz")]) == 2
+    assert "needs '{keep}'" in capsys.readouterr().err
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -223,6 +234,14 @@ def test_checkpoint_errors(tmp_path):
         create_model(TINY["model"], checkpoint=str(bad))
     with pytest.raises(FileNotFoundError, match="checkpoint '/no/such.pth' does not exist"):
         create_model(TINY["model"], checkpoint="/no/such.pth")
+    with pytest.raises(ValueError, match="holds no EMA weights"):
+        create_model(checkpoint=result["checkpoint"], use_ema=True)
+    import argparse
+
+    torch.save({"state_dict": params(result["checkpoint"]), "args": argparse.Namespace(lr=0.1), "epoch": 3},
+               tmp_path / "timm_style.pth")  # what timm's CheckpointSaver writes
+    create_model(TINY["model"], checkpoint=str(tmp_path / "timm_style.pth"), num_classes=10,
+                 **TINY["model_kwargs"])
     with pytest.raises(ValueError, match="does not match the model.*missing"):
         torch.save({"state_dict": {"head.weight": torch.zeros(10, 32)}}, tmp_path / "part.pth")
         train(tiny(tmp_path / "x", init=str(tmp_path / "part.pth")), progress=False)

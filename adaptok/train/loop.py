@@ -11,18 +11,23 @@ with timm's distributed sampler. What the model does with a batch is the
 :class:`adaptok.train.methods.Method`'s.
 
 Reproducibility: the model is initialized from ``seed``; every epoch reseeds
-Python, numpy and torch from ``(seed, epoch, rank)``, and the sampler takes
-the epoch, so a run resumed from its epoch checkpoint (``out/last.pth``,
-written atomically after every epoch) continues exactly as the uninterrupted
-run would have. ``out/log.jsonl`` holds one JSON record per epoch, and
+Python, numpy and torch from ``(seed, epoch, rank)`` (loader workers start
+afresh each epoch, seeded from it), and the sampler takes the epoch, so a
+run resumed from its epoch checkpoint (``out/last.pth``, written atomically
+after every epoch) continues exactly as the uninterrupted run would have:
+bit for bit on the CPU, and on CUDA as far as its kernels are deterministic. ``out/log.jsonl`` holds one JSON record per epoch, and
 ``out/config.json`` the configuration (``adaptok-train --config`` reruns it).
 
-The global ``batch_size`` is split evenly over the processes, so a run with
-N processes takes the same optimizer steps, over the same images, as one
-process with the whole batch (up to floating-point summation order).
+The global ``batch_size`` is split evenly over the processes. Under
+``torchrun`` every process count draws the same global batches from timm's
+``DistributedSampler``, so N processes take the same optimizer steps, over
+the same images, as ``torchrun --nproc_per_node 1`` (up to floating-point
+summation order, and given no random augmentation or dropout, whose draws
+are per process). A plain single-process run shuffles with its own sampler.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -37,7 +42,7 @@ import torch
 from torch import nn
 
 from .. import data as lab_data
-from ..devices import cpu_has_bf16
+from ..devices import native_bf16
 from .methods import Method, create_method
 
 CHECKPOINT = "last.pth"
@@ -130,7 +135,12 @@ class TrainConfig:
 
 def _load_file(path: str) -> dict:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        with torch.serialization.safe_globals([argparse.Namespace]):  # timm's training checkpoints hold its args
+            return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint {path!r} does not exist") from None
     except Exception as e:  # not a torch file, truncated, or pickled objects
@@ -144,6 +154,8 @@ def load_weights(model: nn.Module, path: str, use_ema: bool = False) -> None:
     checkpoint and the keys that differ."""
     ckpt = _load_file(path)
     state = ckpt
+    if use_ema and not (isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict_ema"), dict)):
+        raise ValueError(f"checkpoint {path!r} holds no EMA weights (state_dict_ema); train with ema_decay")
     if isinstance(ckpt, dict):
         for key in (("state_dict_ema",) if use_ema else ()) + ("state_dict", "model"):
             if isinstance(ckpt.get(key), dict):
@@ -171,13 +183,14 @@ def create_model(name: Optional[str] = None, *, checkpoint: Optional[str] = None
     checkpoint, ``name`` and ``kwargs`` default to the ones it was trained
     with, the keep rate and prune layers are set as it was trained, and
     ``model.adaptok_method`` holds the training method's state (its
-    ``grid`` among them; empty for other checkpoints). Errors name
+    ``grid`` among them) and ``model.adaptok_config`` the training
+    configuration (both empty for other checkpoints). Errors name
     ``model`` or ``checkpoint``."""
     import timm
 
     from ..timm_vit import patch
 
-    trained = None
+    trained = config = None
     if checkpoint is not None:
         ckpt = _load_file(checkpoint)
         config = ckpt.get("config") if isinstance(ckpt, dict) else None
@@ -196,6 +209,7 @@ def create_model(name: Optional[str] = None, *, checkpoint: Optional[str] = None
     if trained and trained.get("keep_rate") is not None:  # as trained: EViT's keep rate and prune layers
         model._configure(trained["keep_rate"], trained.get("prune_layers") or model.prune_layers, model._adaptok_fuse)
     model.adaptok_method = dict(trained or {})
+    model.adaptok_config = dict(config or {}) if checkpoint is not None else {}
     return model
 
 
@@ -239,6 +253,11 @@ def _seed(seed: int, *parts: int) -> None:
 
 
 # ------------------------------------------------------------- the loop
+
+
+def _plain(obj: Any) -> Any:
+    """``obj`` as JSON has it (tuples as lists), for comparing configurations."""
+    return json.loads(json.dumps(obj))
 
 
 def _atomic_save(obj: Any, path: str) -> None:
@@ -291,7 +310,7 @@ def train(config: TrainConfig | dict, method: Optional[Method] = None, *, device
     config.check()
     method = method or create_method(config.method, **config.method_args)
     dist, dev = _init_distributed(device)
-    amp = config.amp if config.amp is not None else (dev.type == "cuda" or cpu_has_bf16())
+    amp = config.amp if config.amp is not None else native_bf16(dev)
     if config.batch_size % dist.world:
         raise ValueError(f"batch_size ({config.batch_size}) must be divisible by the process count ({dist.world})")
     local_batch = config.batch_size // dist.world
@@ -319,7 +338,7 @@ def train(config: TrainConfig | dict, method: Optional[Method] = None, *, device
     val_loader = None
     if config.eval_every and dist.main:
         val_loader = lab_data.create_loader(config.data, "val", max(local_batch, 64), img_size, channels,
-                                            workers=config.workers)
+                                            workers=config.workers, **lab_data.eval_settings(config.aug))
     updates = len(loader)
     optimizer = create_optimizer_v2(model, opt=config.opt, lr=config.lr, weight_decay=config.weight_decay)
     scheduler, _ = create_scheduler_v2(optimizer, sched=config.sched, num_epochs=config.epochs,
@@ -342,10 +361,10 @@ def train(config: TrainConfig | dict, method: Optional[Method] = None, *, device
     start = 0
     if config.resume and os.path.exists(path):
         ckpt = _load_file(path)
-        saved = {k: v for k, v in ckpt["config"].items() if k not in ("resume", "out", "workers", "eval_every")}
-        now = {k: v for k, v in dataclasses.asdict(config).items() if k in saved}
-        if saved != now:
-            diff = sorted(k for k in saved if saved[k] != now.get(k))
+        saved = {**_plain(ckpt["config"]), "method": _plain(ckpt["method"])}
+        now = {**_plain(dataclasses.asdict(config)), "method": _plain(method.state())}
+        diff = sorted(k for k in saved if k not in ("resume", "out", "eval_every") and saved[k] != now.get(k))
+        if diff:
             raise ValueError(f"checkpoint {path!r} was written by another configuration (differs in {diff}); "
                              f"use another out directory or resume=False")
         model.load_state_dict(ckpt["state_dict"])
@@ -380,9 +399,13 @@ def train(config: TrainConfig | dict, method: Optional[Method] = None, *, device
                 images, targets = mixup(images, targets)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
                 loss = method.loss(net, images, targets, criterion)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"the loss is {float(loss)} at epoch {epoch}, step {i}; the last "
-                                         f"checkpoint ({path}) holds epoch {epoch}")
+            bad = (~torch.isfinite(loss.detach())).float()
+            if dist.active:  # every process stops together, none waits in the gradient all-reduce
+                torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+            if bad.item():
+                kept = f"the last checkpoint ({path}) holds epoch {epoch}" if epoch else "no checkpoint was written"
+                raise FloatingPointError(f"the loss is not finite (process {dist.rank}: {float(loss)}) at epoch "
+                                         f"{epoch + 1}, step {i + 1}; {kept}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.clip_grad is not None:
@@ -405,6 +428,7 @@ def train(config: TrainConfig | dict, method: Optional[Method] = None, *, device
         if val_loader is not None and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
             record.update(validate(model, method, val_loader, dev, amp))
             if ema is not None:
+                method.step(ema.module, epoch + (updates - 1) / updates)  # as the model's last step (keep rate)
                 record.update({f"ema_{k}": v for k, v in validate(ema.module, method, val_loader, dev,
                                                                   amp).items()})
         records.append(record)

@@ -15,6 +15,7 @@ is the one reported.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -27,7 +28,7 @@ import torch
 import adaptok
 from adaptok import data as lab_data
 from adaptok.evaluate import evaluate, plot
-from adaptok.train import create_model, train
+from adaptok.train import TrainConfig, create_model, train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NAMES = {"p14": "DeiT 14x14 (P14)", "p7": "DeiT 7x7 (P7)", "evit_ft": "EViT 0.7, fine-tuned from P14",
@@ -50,10 +51,15 @@ def run_config(cfg: dict, name: str, seed: int, runs: str) -> dict:
 
 
 def finished(fields: dict) -> bool:
+    """Whether ``out/last.pth`` holds the last epoch of exactly this run."""
     path = os.path.join(fields["out"], "last.pth")
     if not os.path.exists(path):
         return False
-    return torch.load(path, map_location="cpu", weights_only=True)["epoch"] == fields["epochs"]
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    want = json.loads(json.dumps({**dataclasses.asdict(TrainConfig(**fields))}))
+    have = json.loads(json.dumps(ckpt["config"]))
+    same = all(have.get(k) == v for k, v in want.items() if k not in ("resume", "out", "eval_every"))
+    return same and ckpt["epoch"] == fields["epochs"]
 
 
 def evaluate_run(path: str, loader, *, keep_rate="trained", grid=None, npz=None) -> dict:
@@ -99,19 +105,19 @@ def report(cfg: dict, per_seed: dict, results: str, train_s: dict) -> None:
         rows.append((name, top, gm, seeds, np.median([p["images_per_s"] for p in pts]),
                      [train_s.get((name, s)) for s in seeds]))
         series.append({"name": NAMES[name], "points": [{"gmacs": gm, "top1": float(top.mean()),
-                                                         "top1_std": float(top.std()) if len(top) > 1 else 0.0}]})
+                                                         "top1_std": float(top.std(ddof=1)) if len(top) > 1 else 0.0}]})
     sweeps = [per_seed[s]["evit_ft_sweep"] for s in sorted(per_seed) if "evit_ft_sweep" in per_seed[s]]
     if sweeps:
         pts = []
         for i, k in enumerate(cfg["sweep"]):
             top = np.array([sw[i]["top1"] for sw in sweeps])
             pts.append({"gmacs": sweeps[0][i]["gmacs"], "top1": float(top.mean()), "label": f"{k:g}",
-                        "top1_std": float(top.std()) if len(top) > 1 else 0.0})
+                        "top1_std": float(top.std(ddof=1)) if len(top) > 1 else 0.0})
         series.append({"name": "EViT fine-tuned at 0.7, evaluated at keep 0.5-1.0", "points": pts})
     plot(series, os.path.join(results, "accuracy_vs_gmacs.png"),
          title="animal-mnist val (2,000 images), 6-block ViT width 64")
     base = {r[0]: r for r in rows}
-    lines = ["| model | top-1 % (mean ± std over seeds) | per seed | GMACs / image | Δ top-1 vs P14 | MACs saved vs P14 "
+    lines = ["| model | top-1 % (mean ± sample std over seeds) | per seed | GMACs / image | Δ top-1 vs P14 | MACs saved vs P14 "
              "| eval images/s (CPU, fp32, bs 256) | train time / run (s) |", "|---|---|---|---|---|---|---|---|"]
     for name, top, gm, seeds, ips, ts in rows:
         ref = base.get("p14")
@@ -119,7 +125,8 @@ def report(cfg: dict, per_seed: dict, results: str, train_s: dict) -> None:
         saved = f"{100 * (1 - gm / ref[2]):.1f} %" if ref is not None and name != "p14" else "–"
         per = ", ".join(f"s{s}: {t:.2f}" for s, t in zip(seeds, top))
         tt = ", ".join(f"{t:.0f}" for t in ts if t is not None) or "–"
-        lines.append(f"| {NAMES[name]} | {top.mean():.2f} ± {top.std():.2f} | {per} | {gm:.4f} | {delta} | {saved} "
+        spread = f" ± {top.std(ddof=1):.2f}" if len(top) > 1 else ""
+        lines.append(f"| {NAMES[name]} | {top.mean():.2f}{spread} | {per} | {gm:.4f} | {delta} | {saved} "
                      f"| {ips:.0f} | {tt} |")
     meta = {"commit": commit(), "torch": torch.__version__, "adaptok": adaptok.__version__,
             "machine": f"{platform.machine()}, {os.cpu_count()} cores", "seeds": sorted(per_seed),
@@ -160,7 +167,7 @@ def main(argv=None) -> int:
                 with open(os.path.join(fields["out"], "train_seconds"), "a") as f:
                     f.write(f"{time.time() - t0:.1f}\n")
     per_seed, train_s = {}, {}
-    for seed in cfg["seeds"]:
+    for seed in sorted(set(cfg["seeds"]) | set(seeds)):
         r = evaluate_seed(cfg, seed, args.runs, args.results)
         if r:
             per_seed[seed] = r
