@@ -8,7 +8,8 @@ the held-out split and write the table and the plot.
     python repro/deit_evit/run.py --report        # only rebuild results/ from the finished runs
 
 Checkpoints and logs go to ``--runs`` (default ``runs/deit_evit``, outside
-git); results to ``repro/deit_evit/results``. Nothing is chosen on the
+git); results to ``repro/deit_evit/results``, and the final P14 and P7
+weights of each seed to ``repro/deit_evit/checkpoints`` (1.3 MB each). Nothing is chosen on the
 validation split: hyperparameters are fixed in config.json, the last epoch
 is the one reported.
 """
@@ -89,6 +90,20 @@ def evaluate_seed(cfg: dict, seed: int, runs: str, results: str) -> dict:
     for name, r in out.items():
         print(f"seed {seed} {name}: {json.dumps(r)}", flush=True)
     return out
+
+
+def export_weights(cfg: dict, runs: str, out: str, names=("p14", "p7")) -> None:
+    """The final P14 and P7 of every finished seed as small lab checkpoints
+    (weights, config, method; no optimizer state) that
+    ``adaptok.train.create_model(checkpoint=...)`` and ``adaptok-eval`` load."""
+    os.makedirs(out, exist_ok=True)
+    for seed in cfg["seeds"]:
+        for name in names:
+            fields = run_config(cfg, name, seed, runs)
+            if finished(fields):
+                ckpt = torch.load(os.path.join(fields["out"], "last.pth"), map_location="cpu", weights_only=True)
+                keep = {k: ckpt[k] for k in ("config", "method", "num_classes", "epoch", "records", "state_dict")}
+                torch.save(keep, os.path.join(out, f"{name}-s{seed}.pth"))
 
 
 def report(cfg: dict, per_seed: dict, results: str, train_s: dict) -> None:
@@ -178,6 +193,7 @@ def main(argv=None) -> int:
                     train_s[(name, seed)] = sum(float(x) for x in f.read().split())
     if per_seed:
         report(cfg, per_seed, args.results, train_s)
+        export_weights(cfg, args.runs, os.path.join(HERE, "checkpoints"))
     return 0
 
 
