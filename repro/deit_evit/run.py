@@ -34,7 +34,8 @@ from adaptok.train import TrainConfig, create_model, train
 HERE = os.path.dirname(os.path.abspath(__file__))
 NAMES = {"p14": "DeiT 14x14 (P14)", "p7": "DeiT 7x7 (P7)", "evit_ft": "EViT 0.7, fine-tuned from P14",
          "evit_scratch": "EViT 0.7, from scratch", "p14_evit_untrained": "P14 + EViT 0.7, no training",
-         "p14_at7": "P14 run at grid 7, no training"}
+         "p14_at7": "P14 run at grid 7, no training",
+         "evit_ft_keep1": "EViT fine-tuned from P14, run at keep 1.0 (control)"}
 
 
 def commit() -> str:
@@ -87,6 +88,8 @@ def evaluate_seed(cfg: dict, seed: int, runs: str, results: str) -> dict:
         out["p14_at7"] = evaluate_run(ck["p14"], loader, grid=7)
     if "evit_ft" in out:
         out["evit_ft_sweep"] = [evaluate_run(ck["evit_ft"], loader, keep_rate=k) for k in cfg["sweep"]]
+        if 1.0 in cfg["sweep"]:  # the control: the same fine-tuned weights, nothing pruned
+            out["evit_ft_keep1"] = out["evit_ft_sweep"][cfg["sweep"].index(1.0)]
     for name, r in out.items():
         print(f"seed {seed} {name}: {json.dumps(r)}", flush=True)
     return out
@@ -110,7 +113,7 @@ def report(cfg: dict, per_seed: dict, results: str, train_s: dict) -> None:
     import numpy as np
 
     rows, series = [], []
-    for name in ("p14", "p7", "evit_ft", "evit_scratch", "p14_evit_untrained", "p14_at7"):
+    for name in ("p14", "p7", "evit_ft", "evit_ft_keep1", "evit_scratch", "p14_evit_untrained", "p14_at7"):
         pts = [per_seed[s][name] for s in sorted(per_seed) if name in per_seed[s]]
         if not pts:
             continue
