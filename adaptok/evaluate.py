@@ -222,7 +222,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ValueError("--prune-layers needs a keep rate (--keep-rate, or a checkpoint trained with one)")
         points = []
         for rate in rates:
-            model._configure(rate, args.prune_layers or model.prune_layers, model._adaptok_fuse)
+            model.set_pruning(rate, args.prune_layers)
             npz = args.npz.format(keep=rate) if args.npz else None
             point = evaluate(model, loader, grid=grid, device=str(dev), amp=args.amp, npz=npz)
             point.update(keep_rate=rate, grid=grid or int(model.patch_embed.grid_size[0]))

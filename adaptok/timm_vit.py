@@ -185,6 +185,12 @@ class AdaptiveViTMixin:
     def prune_layers(self) -> tuple:
         return self._adaptok_prune_layers
 
+    def set_pruning(self, keep_rate: KeepRate, prune_layers: Optional[Sequence[int]] = None) -> None:
+        """Set the keep rate and, when given, the prune layers together
+        (fusion stays as patched); checked as :func:`patch` checks them."""
+        self._configure(keep_rate, self._adaptok_prune_layers if prune_layers is None else prune_layers,
+                        self._adaptok_fuse)
+
     def _configure(self, keep_rate: KeepRate, prune_layers: Sequence[int], fuse: bool) -> None:
         self._adaptok_keep_rate = evit.configure(self, keep_rate, prune_layers, fuse)
         self._adaptok_prune_layers = tuple(prune_layers)

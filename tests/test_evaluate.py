@@ -19,7 +19,7 @@ def model(keep_rate=None, prune_layers=(1,)):
     torch.manual_seed(0)
     m = create_model("vit_tiny_patch16_224", img_size=28, patch_size=PATCH, in_chans=1, embed_dim=C, depth=DEPTH,
                      num_heads=HEADS, num_classes=CLASSES)
-    m._configure(keep_rate, prune_layers, True)
+    m.set_pruning(keep_rate, prune_layers)
     return m
 
 

@@ -74,6 +74,25 @@ def test_resume_equals_the_uninterrupted_run(tmp_path):
     assert len((tmp_path / "b" / "run" / "log.jsonl").read_text().splitlines()) == 3
 
 
+class Diverge(Method):
+    """A loss that becomes NaN at the third step (found at the check after it: the last step, 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def loss(self, model, images, targets, criterion):
+        self.calls += 1
+        loss = super().loss(model, images, targets, criterion)
+        return loss * float("nan") if self.calls == 3 else loss
+
+
+def test_a_non_finite_loss_stops_the_run(tmp_path):
+    with pytest.raises(FloatingPointError, match="non-finite in epoch 1, by step 4.*no checkpoint was written"):
+        train(tiny(tmp_path, limit=128), method=Diverge(), progress=False)
+    assert not (tmp_path / "run" / "last.pth").exists()
+
+
 def test_resume_refuses_another_configuration(tmp_path):
     cfg = tiny(tmp_path, aug={"no_aug": True, "scale": (0.5, 1.0)})
     train(cfg, progress=False)

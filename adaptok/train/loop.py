@@ -47,6 +47,7 @@ from .methods import Method, create_method
 
 CHECKPOINT = "last.pth"
 LOG = "log.jsonl"
+CHECK_EVERY = 10  # steps between the checks that the loss is finite (each costs a device sync)
 
 
 @dataclasses.dataclass
@@ -152,7 +153,10 @@ def load_weights(model: nn.Module, path: str, use_ema: bool = False) -> None:
     ``state_dict``, or ``state_dict_ema`` with ``use_ema``), a timm training
     checkpoint or a bare state dict. A mismatch is a ValueError naming the
     checkpoint and the keys that differ."""
-    ckpt = _load_file(path)
+    _load_state(model, _load_file(path), path, use_ema)
+
+
+def _load_state(model: nn.Module, ckpt: Any, path: str, use_ema: bool) -> None:
     state = ckpt
     if use_ema and not (isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict_ema"), dict)):
         raise ValueError(f"checkpoint {path!r} holds no EMA weights (state_dict_ema); train with ema_decay")
@@ -205,9 +209,9 @@ def create_model(name: Optional[str] = None, *, checkpoint: Optional[str] = None
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     model = patch(timm.create_model(name, pretrained=pretrained, **kwargs))
     if checkpoint is not None:
-        load_weights(model, checkpoint, use_ema=use_ema)
+        _load_state(model, ckpt, checkpoint, use_ema)
     if trained and trained.get("keep_rate") is not None:  # as trained: EViT's keep rate and prune layers
-        model._configure(trained["keep_rate"], trained.get("prune_layers") or model.prune_layers, model._adaptok_fuse)
+        model.set_pruning(trained["keep_rate"], trained.get("prune_layers"))
     model.adaptok_method = dict(trained or {})
     model.adaptok_config = dict(config or {}) if checkpoint is not None else {}
     return model
@@ -266,26 +270,23 @@ def _atomic_save(obj: Any, path: str) -> None:
     os.replace(tmp, path)
 
 
-def _top1(logits: torch.Tensor, targets: torch.Tensor) -> int:
-    return int((logits.argmax(-1) == targets).sum())
-
-
 @torch.no_grad()
 def validate(model: nn.Module, method: Method, loader, device: torch.device, amp: bool) -> dict:
     """``{"val_top1": %, "val_loss": cross-entropy}`` of ``method.forward``
     over ``loader``."""
     was = model.training
     model.eval()
-    correct = total = 0
-    loss = 0.0
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # correct, loss; read once at the end
+    total = 0
     for images, targets in loader:
         images, targets = images.to(device), targets.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = method.forward(model, images)
-        loss += float(nn.functional.cross_entropy(logits.float(), targets, reduction="sum"))
-        correct += _top1(logits, targets)
+        sums[0] += (logits.argmax(-1) == targets).sum()
+        sums[1] += nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
         total += len(targets)
     model.train(was)
+    correct, loss = sums.tolist()
     return {"val_top1": 100.0 * correct / max(total, 1), "val_loss": loss / max(total, 1)}
 
 
@@ -399,13 +400,6 @@ def train(config: TrainConfig | dict, method: Optional[Method] = None, *, device
                 images, targets = mixup(images, targets)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
                 loss = method.loss(net, images, targets, criterion)
-            bad = (~torch.isfinite(loss.detach())).float()
-            if dist.active:  # every process stops together, none waits in the gradient all-reduce
-                torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-            if bad.item():
-                kept = f"the last checkpoint ({path}) holds epoch {epoch}" if epoch else "no checkpoint was written"
-                raise FloatingPointError(f"the loss is not finite (process {dist.rank}: {float(loss)}) at epoch "
-                                         f"{epoch + 1}, step {i + 1}; {kept}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.clip_grad is not None:
@@ -416,7 +410,16 @@ def train(config: TrainConfig | dict, method: Optional[Method] = None, *, device
                 ema.update(model, step=epoch * updates + i + 1)
             loss_sum += loss.detach().double() * len(images)
             seen += len(images)
-            if i % 10 == 0:
+            if i % CHECK_EVERY == 0 or i == updates - 1:  # a sync: only every few steps
+                # The epoch's sum is finite iff every loss so far was; every process
+                # checks at the same steps, so all stop together and none waits in DDP.
+                bad = (~torch.isfinite(loss_sum)).float()
+                if dist.active:
+                    torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+                if bad.item():
+                    kept = f"the last checkpoint ({path}) holds epoch {epoch}" if epoch else "no checkpoint was written"
+                    raise FloatingPointError(f"the loss became non-finite in epoch {epoch + 1}, by step {i + 1} "
+                                             f"(process {dist.rank}'s sum: {float(loss_sum)}); {kept}")
                 it.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
         if dist.active:
             torch.distributed.all_reduce(loss_sum)

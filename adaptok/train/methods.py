@@ -65,9 +65,6 @@ class Method:
         return {"method": self.name, "grid": self.grid}
 
 
-CrossEntropy = Method
-
-
 class EViT(Method):
     """EViT: train with a keep rate in the model's prune layers.
 
@@ -99,10 +96,7 @@ class EViT(Method):
         self.prune_layers = None if prune_layers is None else tuple(prune_layers)
 
     def setup(self, model: nn.Module) -> None:
-        if self.prune_layers is not None:
-            model._configure(self.keep_rate, self.prune_layers, model._adaptok_fuse)
-        else:
-            model.keep_rate = self.keep_rate  # raises naming keep_rate on a model without a class token
+        model.set_pruning(self.keep_rate, self.prune_layers)  # errors name keep_rate or prune_layers
 
     def step(self, model: nn.Module, epoch: float) -> None:
         if self.start is not None:

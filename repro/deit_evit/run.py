@@ -64,10 +64,10 @@ def finished(fields: dict) -> bool:
     return same and ckpt["epoch"] == fields["epochs"]
 
 
-def evaluate_run(path: str, loader, *, keep_rate="trained", grid=None, npz=None) -> dict:
+def evaluate_run(path: str, loader, *, keep_rate="trained", prune_layers=None, grid=None, npz=None) -> dict:
     model = create_model(checkpoint=path)
     if keep_rate != "trained":
-        model._configure(keep_rate, (1, 3, 5) if keep_rate is not None else model.prune_layers, True)
+        model.set_pruning(keep_rate, prune_layers)
     grid = grid if grid is not None else model.adaptok_method.get("grid")
     point = evaluate(model, loader, grid=grid, npz=npz, amp=False)
     point.update(keep_rate=model.keep_rate, grid=grid or 14)
@@ -84,7 +84,8 @@ def evaluate_seed(cfg: dict, seed: int, runs: str, results: str) -> dict:
         if os.path.exists(ck[name]) and finished(run_config(cfg, name, seed, runs)):
             out[name] = evaluate_run(ck[name], loader, npz=npz(name))
     if "p14" in out:
-        out["p14_evit_untrained"] = evaluate_run(ck["p14"], loader, keep_rate=0.7)
+        out["p14_evit_untrained"] = evaluate_run(ck["p14"], loader, keep_rate=0.7,  # EViT's layers, untrained
+                                                 prune_layers=cfg["runs"]["evit_ft"]["method_args"]["prune_layers"])
         out["p14_at7"] = evaluate_run(ck["p14"], loader, grid=7)
     if "evit_ft" in out:
         out["evit_ft_sweep"] = [evaluate_run(ck["evit_ft"], loader, keep_rate=k) for k in cfg["sweep"]]
@@ -164,6 +165,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+")
     p.add_argument("--runs", default="runs/deit_evit")
     p.add_argument("--results", default=os.path.join(HERE, "results"))
+    p.add_argument("--checkpoints", default=os.path.join(HERE, "checkpoints"),
+                   help="where the final P14 and P7 weights go")
     p.add_argument("--report", action="store_true", help="only evaluate finished runs and write results")
     p.add_argument("--only", nargs="+", help="train only these runs")
     args = p.parse_args(argv)
@@ -196,7 +199,7 @@ def main(argv=None) -> int:
                     train_s[(name, seed)] = sum(float(x) for x in f.read().split())
     if per_seed:
         report(cfg, per_seed, args.results, train_s)
-        export_weights(cfg, args.runs, os.path.join(HERE, "checkpoints"))
+        export_weights(cfg, args.runs, args.checkpoints)
     return 0
 
 
