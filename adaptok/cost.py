@@ -15,10 +15,11 @@ def macs(model: nn.Module, grid: Optional[int] = None) -> int:
     at a ``grid`` x ``grid`` token grid (default: the model's), with the
     token counts its keep rate leaves: the patch embedding, every block's
     linear layers and attention (``2 N^2`` per attention channel), and the
-    linear layers outside the blocks once (the head)."""
+    linear layers outside the blocks once (the head; without what the model
+    says does not run at that grid, ``idle_modules``)."""
     gh, gw = (grid, grid) if grid is not None else model.patch_embed.grid_size
     n = model.num_prefix_tokens
-    N = n + gh * gw
+    N = (model.prefix_count(gh) if hasattr(model, "prefix_count") else n) + gh * gw
     total = gh * gw * model.patch_embed.proj.weight.numel()
 
     def linear(module):
@@ -30,5 +31,6 @@ def macs(model: nn.Module, grid: Optional[int] = None) -> int:
         if rate is not None:
             N = pruned_length(N, rate, n, blk.fuse)
         total += N * linear(blk.mlp)
-    inside = linear(model.blocks) + linear(model.patch_embed)
+    idle = model.idle_modules(gh) if hasattr(model, "idle_modules") else ()
+    inside = linear(model.blocks) + linear(model.patch_embed) + sum(linear(m) for m in idle if m is not None)
     return total + linear(model) - inside

@@ -213,9 +213,55 @@ class _Transformed(Dataset):
         return (self.transform(image) if self.transform is not None else image), label
 
 
+class Relabelled(Dataset):
+    """``dataset`` with its labels replaced by ``targets`` (one per image, in
+    the dataset's order), e.g. ReViT's token-length labels for its assigner.
+    ``transform`` is the wrapped dataset's, so timm's loader can set it."""
+
+    def __init__(self, dataset: Dataset, targets):
+        targets = torch.as_tensor(targets)
+        if targets.dim() != 1 or targets.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"targets must be one integer per image, got a {targets.dtype} tensor of shape "
+                             f"{tuple(targets.shape)}")
+        if len(targets) != len(dataset):
+            raise ValueError(f"targets must have one entry per image of the split ({len(dataset)}), "
+                             f"got {len(targets)}")
+        self.dataset, self.targets = dataset, targets.long().tolist()
+
+    @property
+    def transform(self):
+        return self.dataset.transform
+
+    @transform.setter
+    def transform(self, value):
+        self.dataset.transform = value
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return self.dataset[i][0], self.targets[i]
+
+
+def model_input(model, img_size: Optional[int] = None) -> tuple[int, int]:
+    """``(channels, side)`` of the images ``model`` takes: the channels of
+    its first convolution, and ``img_size``, else a ViT's patch-embedding
+    size, else timm's ``pretrained_cfg`` input size."""
+    channels = next((m.in_channels for m in model.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)), None)
+    if channels is None:
+        raise ValueError(f"{type(model).__name__} has no convolution to read its input channels from")
+    if img_size is None:
+        embed = getattr(model, "patch_embed", None)
+        if embed is not None and getattr(embed, "img_size", None) is not None:
+            img_size = int(embed.img_size[0])
+        else:
+            img_size = int(getattr(model, "pretrained_cfg", {}).get("input_size", (0, 224, 224))[-1])
+    return int(channels), int(img_size)
+
+
 def create_loader(data: str, split: str, batch_size: int, img_size: int, channels: int = 3, *,
                   training: Optional[bool] = None, distributed: bool = False, workers: int = 0,
-                  limit: Optional[int] = None, **transform) -> torch.utils.data.DataLoader:
+                  limit: Optional[int] = None, targets=None, **transform) -> torch.utils.data.DataLoader:
     """A DataLoader of ``(images [b, channels, img_size, img_size] float32,
     labels [b] int64)`` from ``timm.data.create_loader``.
 
@@ -230,6 +276,8 @@ def create_loader(data: str, split: str, batch_size: int, img_size: int, channel
         distributed: a DistributedSampler per process (torch.distributed must
             be initialized; call ``loader.sampler.set_epoch`` each epoch).
         limit: only the first ``limit`` images of the split.
+        targets: labels replacing the split's, one per image (after
+            ``limit``), e.g. token-length labels (:class:`Relabelled`).
         transform: overrides of :data:`DEFAULTS` and any other keyword of
             ``timm.data.create_loader`` (``scale``, ``hflip``,
             ``color_jitter``, ``auto_augment``, ``re_prob``, ``no_aug`` ...).
@@ -242,6 +290,8 @@ def create_loader(data: str, split: str, batch_size: int, img_size: int, channel
         raise ValueError(f"img_size must be a positive int, got {img_size!r}")
     training = split == "train" if training is None else training
     dataset = create_dataset(data, split, channels=channels, limit=limit)
+    if targets is not None:
+        dataset = Relabelled(dataset, targets)
     settings = dict(DEFAULTS[source(data)])
     settings.update(transform)
     for key in ("mean", "std"):

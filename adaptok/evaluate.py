@@ -5,7 +5,8 @@ For every image, evaluation records its logits, its label and the
 multiply-accumulates of what ran on it: its own grid and the keep rates the
 model ran with, counted by :func:`adaptok.cost.macs` (a model that decides
 per image what to run, such as a router or a cascade, reports its own count
-through ``forward_with_macs(images) -> (logits [B, K], macs [B])``). It
+through ``forward_with_macs(images, grid) -> (logits [B, K], macs [B])``,
+e.g. a ReViT with ``grid="auto"``, its assigner included). It
 reports top-1, the mean GMACs per image, and the images per second of the
 model calls (data loading excluded), and can save everything per image to an
 ``.npz`` so that threshold sweeps run offline.
@@ -14,6 +15,7 @@ Example::
 
     adaptok-eval --checkpoint runs/p14/last.pth --data animal-mnist --out runs/p14/eval.json
     adaptok-eval --checkpoint runs/evit/last.pth --keep-rate 0.5 0.6 0.7 0.8 0.9 1.0 --name EViT --out evit.json
+    adaptok-eval --checkpoint runs/revit/last.pth --assigner runs/assigner/last.pth --threshold 0 0.5 0.9
     adaptok-eval --plot results.png runs/p14/eval.json runs/p7/eval.json evit.json
 """
 from __future__ import annotations
@@ -47,7 +49,7 @@ def _run(model, images: torch.Tensor, grid) -> tuple[torch.Tensor, Optional[torc
     """``(logits, macs [B] or None)``: None when the cost follows from the
     grid and keep rates (counted outside the timed region)."""
     if hasattr(model, "forward_with_macs"):
-        return model.forward_with_macs(images)
+        return model.forward_with_macs(images, grid)
     return model(images, grid=grid), None
 
 
@@ -59,9 +61,10 @@ def evaluate(model: nn.Module, loader, *, grid=None, device: Optional[str] = Non
     Args:
         model: a patched timm ViT (its ``keep_rate`` as set), or any module
             with ``forward_with_macs``.
-        grid: the token grid of every image: None (the model's) or an int
-            (a model that picks a grid per image reports its cost through
-            ``forward_with_macs``).
+        grid: the token grid of every image: None (the model's), an int,
+            or what a model that picks a grid per image takes (a ReViT's
+            ``"auto"``); such a model reports its cost through
+            ``forward_with_macs``.
         amp: bf16 autocast (None: where the device computes bf16 natively).
         npz: write ``logits [N, K] float32``, ``labels [N]``, ``macs [N]``
             (per image) there.
@@ -178,6 +181,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", type=int, help="token grid side of every image (default: as trained, else the model's)")
     p.add_argument("--keep-rate", type=float, nargs="+", help="EViT keep rates: one point each, a sweep (default: as trained)")
     p.add_argument("--prune-layers", type=int, nargs="+", help="EViT prune layers (default: the model's)")
+    p.add_argument("--assigner", help="a ReViT's Token-Length Assigner checkpoint: every image at the grid it picks")
+    p.add_argument("--threshold", type=float, nargs="+", help="with --assigner: its thresholds, one point each "
+                   "(default 0.5)")
     p.add_argument("--device", help="cpu or cuda")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast")
     p.add_argument("--name", help="the run's name in the plot")
@@ -186,6 +192,49 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="PNG", help="plot the result JSON files given as arguments instead")
     p.add_argument("results", nargs="*", help="with --plot: result JSON files")
     return p
+
+
+def _keep_rate_points(model, args, loader, dev, grid) -> list:
+    rates = args.keep_rate or [model.keep_rate]
+    if args.npz and len(rates) > 1 and "{keep}" not in args.npz:
+        raise ValueError("--npz needs '{keep}' in its path with several --keep-rate values (one file each)")
+    if args.prune_layers and rates == [None]:
+        raise ValueError("--prune-layers needs a keep rate (--keep-rate, or a checkpoint trained with one)")
+    points = []
+    for rate in rates:
+        model.set_pruning(rate, args.prune_layers)
+        npz = args.npz.format(keep=rate) if args.npz else None
+        point = evaluate(model, loader, grid=grid, device=str(dev), amp=args.amp, npz=npz)
+        point.update(keep_rate=rate, grid=grid or int(model.patch_embed.grid_size[0]))
+        if len(rates) > 1:
+            point["label"] = f"{rate:g}"
+        points.append(point)
+        print(json.dumps(point), flush=True)
+    return points
+
+
+def _assigner_points(model, args, loader, dev) -> list:
+    from .models.revit import TokenLengthAssigner, is_revit
+
+    if not is_revit(model):
+        raise ValueError("--assigner needs a ReViT checkpoint (trained with --method revit)")
+    if args.grid is not None or args.keep_rate:
+        raise ValueError("--assigner picks the grids: it cannot be combined with --grid or --keep-rate")
+    model.set_assigner(TokenLengthAssigner.from_checkpoint(args.assigner).to(dev))
+    thresholds = args.threshold or [0.5]
+    if args.npz and len(thresholds) > 1 and "{threshold}" not in args.npz:
+        raise ValueError("--npz needs '{threshold}' in its path with several --threshold values (one file each)")
+    points = []
+    for t in thresholds:
+        model.assigner.threshold = t
+        npz = args.npz.format(threshold=t) if args.npz else None
+        point = evaluate(model, loader, grid="auto", device=str(dev), amp=args.amp, npz=npz)
+        point.update(threshold=t, grid="auto")
+        if len(thresholds) > 1:
+            point["label"] = f"{t:g}"
+        points.append(point)
+        print(json.dumps(point), flush=True)
+    return points
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -215,21 +264,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                         workers=args.workers, limit=args.limit,
                                         **lab_data.eval_settings(trained.get("aug", {})))
         grid = args.grid if args.grid is not None else model.adaptok_method.get("grid")  # as trained
-        rates = args.keep_rate or [model.keep_rate]
-        if args.npz and len(rates) > 1 and "{keep}" not in args.npz:
-            raise ValueError("--npz needs '{keep}' in its path with several --keep-rate values (one file each)")
-        if args.prune_layers and rates == [None]:
-            raise ValueError("--prune-layers needs a keep rate (--keep-rate, or a checkpoint trained with one)")
-        points = []
-        for rate in rates:
-            model.set_pruning(rate, args.prune_layers)
-            npz = args.npz.format(keep=rate) if args.npz else None
-            point = evaluate(model, loader, grid=grid, device=str(dev), amp=args.amp, npz=npz)
-            point.update(keep_rate=rate, grid=grid or int(model.patch_embed.grid_size[0]))
-            if len(rates) > 1:
-                point["label"] = f"{rate:g}"
-            points.append(point)
-            print(json.dumps(point), flush=True)
+        if args.assigner:
+            points = _assigner_points(model, args, loader, dev)
+        else:
+            points = _keep_rate_points(model, args, loader, dev, grid)
     except (ValueError, TypeError, FileNotFoundError, ModuleNotFoundError) as e:
         print(f"adaptok-eval: {e}", file=sys.stderr)
         return 2

@@ -210,7 +210,8 @@ class AdaptiveViTMixin:
         through ``.data`` do not: call :meth:`clear_position_cache` after
         those."""
         native = tuple(self.patch_embed.grid_size)
-        tokens = [t for t in (self.cls_token, getattr(self, "dist_token", None), self.reg_token) if t is not None]
+        dist = self.dist_token if isinstance(self, VisionTransformerDistilled) else None  # DeiT's, on every image
+        tokens = [t for t in (self.cls_token, dist, self.reg_token) if t is not None]
         params = [t for t in (*tokens, self.pos_embed) if t is not None]
         cacheable = grid != native and self.pos_embed is not None and not torch.compiler.is_compiling() and not (
             torch.is_grad_enabled() and any(p.requires_grad for p in params))
@@ -240,11 +241,22 @@ class AdaptiveViTMixin:
         """Forget the position tables resampled for other grids."""
         self.__dict__.pop("_adaptok_tables", None)
 
-    def _patchify(self, images: Tensor) -> Tensor:
+    def _patchify(self, images: Tensor, grid=None) -> Tensor:
         """``[B, 3, H, W]`` at any multiple of the patch size -> ``[B, P, C]``
         with the model's patch projection and norm (timm's check of the
-        image size is what this skips)."""
+        image size is what this skips). ``grid``: the images' grid, for a
+        family with a patch embedding per length."""
         return self.patch_embed.norm(self.patch_embed.proj(images).flatten(2).transpose(1, 2))
+
+    def prefix_count(self, grid: int) -> int:
+        """Prefix tokens (class, distillation, register) of a sequence at
+        ``grid``; a multi-length family may have more on some lengths."""
+        return self.num_prefix_tokens
+
+    def idle_modules(self, grid: int) -> tuple:
+        """Modules outside the blocks that do not run at ``grid`` (for
+        :func:`adaptok.macs`)."""
+        return ()
 
     def token_layout(self, x: Tensor, grid) -> TokenLayout:
         """The :class:`adaptok.layout.TokenLayout` of ``grid=`` for images
@@ -282,7 +294,8 @@ class AdaptiveViTMixin:
             layout, groups = TokenLayout.uniform(x.shape[0], hw, tagged), [patches]
         else:
             layout = self.token_layout(x, grid)
-            groups = [self._patchify(images) for images in layout.group_images(x, self.patch_embed.patch_size)]
+            groups = [self._patchify(images, g) for (g, _), images in
+                      zip(layout.groups, layout.group_images(x, self.patch_embed.patch_size))]
         batch = layout.pack(groups, [self._prefix_and_pos(grid_sides(g)) for g, _ in layout.groups])
         if self.pos_embed is not None:  # timm applies pos_drop only with a position table
             batch = batch.with_values(self.pos_drop(batch.values))
@@ -382,7 +395,7 @@ class AdaptiveViTMixin:
         if self.patch_embed.grid_size[0] != self.patch_embed.grid_size[1]:
             raise UnsupportedModelError(f"grid= needs a square patch grid, this model's is "
                                         f"{self.patch_embed.grid_size[0]}x{self.patch_embed.grid_size[1]}")
-        h = x.new_zeros((0, self.num_prefix_tokens + side * side, self.embed_dim), dtype=self.pos_embed.dtype
+        h = x.new_zeros((0, self.prefix_count(side) + side * side, self.embed_dim), dtype=self.pos_embed.dtype
                         if self.pos_embed is not None else self.patch_embed.proj.weight.dtype)
         for blk in self.blocks:
             h = blk(h)

@@ -74,7 +74,8 @@ def test_a_model_that_reports_its_own_cost():
             super().__init__()
             self.w = torch.nn.Parameter(torch.zeros(()))
 
-        def forward_with_macs(self, images):
+        def forward_with_macs(self, images, grid):
+            assert grid is None  # evaluate passes its grid on
             n = images.shape[0]
             return torch.eye(CLASSES)[:n], torch.arange(n) * 10**9
 

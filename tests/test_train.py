@@ -114,14 +114,18 @@ def torchrun(nproc, config, out):
     return params(out / "last.pth")
 
 
-def test_ddp_two_processes_equal_one_process(tmp_path):
+@pytest.mark.parametrize("method, method_args", [("evit", {"keep_rate": 0.7, "prune_layers": [1]}),
+                                                 ("revit", {"grids": [7, 5, 3]})], ids=["evit", "revit"])
+def test_ddp_two_processes_equal_one_process(tmp_path, method, method_args):
     config = tmp_path / "cfg.json"
-    config.write_text(json.dumps(tiny(tmp_path, epochs=2, method="evit",
-                                      method_args={"keep_rate": 0.7, "prune_layers": [1]})))
+    config.write_text(json.dumps(tiny(tmp_path, epochs=2, method=method, method_args=method_args)))
     one = torchrun(1, config, tmp_path / "one")
     two = torchrun(2, config, tmp_path / "two")
     _seed(0)  # the run's own initialization
-    start = create_model(TINY["model"], num_classes=10, **TINY["model_kwargs"]).state_dict()
+    start = create_model(TINY["model"], num_classes=10, **TINY["model_kwargs"])
+    create_method(method, **method_args).setup(start)
+    start = start.state_dict()
+    assert set(start) == set(one)
     moved = max(float((one[k] - start[k]).abs().max()) for k in one)
     assert moved > 1e-3  # training happened
     for k in one:
@@ -232,6 +236,12 @@ def test_model_from_a_lab_checkpoint_is_as_trained(tmp_path):
     (dict(method="evit", method_args={"keep_rate": 0.5, "start": 2, "end": 1}), ValueError, "end must be after start"),
     (dict(method="evit", method_args={"keep_rate": 0.7, "start": 1}), ValueError, "start and end must be given"),
     (dict(method="evit", method_args={"keep_rate": 0.7}), ValueError, "prune_layers must hold block indices"),
+    (dict(targets="/no/such/labels.pt"), FileNotFoundError, "targets must be a file of labels"),
+    (dict(img_size=0), ValueError, "img_size must be a positive int"),
+    (dict(method="revit", method_args={"grids": [5, 3]}), ValueError, "grids must include the model's own grid 7"),
+    (dict(method="revit", method_args={"grids": [7, 3], "tau": -1}), ValueError, "tau must be a finite number"),
+    (dict(method="revit", method_args={"grids": [7, 3], "distillation": "soft-ish"}), ValueError,
+     "distillation must be one of"),
     (dict(mixup=0.8, batch_size=2, limit=64), None, None),
 ])
 def test_bad_input_names_the_argument(tmp_path, kw, error, match):
@@ -273,3 +283,55 @@ def test_config_fields_and_cli_errors(tmp_path):
     with pytest.raises(SystemExit):
         train_main(["--model-arg", "no-equals-sign"])
     assert train_main(["--model", "no_such_model", "--out", str(tmp_path / "r")]) == 2
+
+
+def test_a_cnn_on_replaced_targets_trains_and_loads_as_an_assigner(tmp_path):
+    """ReViT's assigner: a timm CNN trained by the loop on token-length
+    labels (a targets file), loaded back with the grids its classes mean."""
+    from adaptok.models import revit
+
+    g = torch.Generator().manual_seed(0)
+    sides = torch.tensor([7, 5, 3])
+    train_sides, val_sides = sides[torch.randint(0, 3, (64,), generator=g)], sides[torch.randint(0, 3, (2000,),
+                                                                                                 generator=g)]
+    labels = revit.save_labels(str(tmp_path / "labels.pt"), (7, 5, 3), train_sides, val_sides)
+    assert labels["classes"] == [3, 5, 7] and labels["train"].tolist() == [[3, 5, 7].index(s) for s in
+                                                                           train_sides.tolist()]
+    cfg = tiny(tmp_path, model="mobilenetv3_small_050", model_kwargs={"in_chans": 1}, img_size=28,
+               targets=str(tmp_path / "labels.pt"), eval_every=1)
+    result = train(cfg, progress=False)
+    assert "val_top1" in result["records"][-1]
+    assigner = revit.TokenLengthAssigner.from_checkpoint(result["checkpoint"], threshold=0.3)
+    assert assigner.grids == (3, 5, 7) and assigner.img_size == 28 and assigner.threshold == 0.3
+    model = revit.convert(create_model(TINY["model"], num_classes=10, **TINY["model_kwargs"]), (7, 5, 3))
+    model.set_assigner(assigner)
+    x, _ = batch(4)
+    with torch.no_grad():
+        assert model.eval()(x, grid="auto").shape == (4, 10)
+    with pytest.raises(ValueError, match="assigner was trained for grids"):
+        revit.convert(create_model(TINY["model"], num_classes=10, **TINY["model_kwargs"]), (7, 3)).set_assigner(
+            assigner)
+    with pytest.raises(ValueError, match="not an assigner's"):
+        revit.TokenLengthAssigner.from_checkpoint(train(tiny(tmp_path / "p"), progress=False)["checkpoint"])
+    # adaptok-eval: a lab ReViT with the assigner, a threshold sweep.
+    from adaptok.evaluate import main as eval_main
+
+    ck = train(tiny(tmp_path / "r", method="revit", method_args={"grids": [7, 5, 3]}), progress=False)["checkpoint"]
+    out = tmp_path / "auto.json"
+    assert eval_main(["--checkpoint", ck, "--assigner", result["checkpoint"], "--threshold", "0", "1", "--limit",
+                      "32", "--out", str(out)]) == 0
+    points = json.loads(out.read_text())["points"]
+    assert [p["threshold"] for p in points] == [0, 1]
+    assert points[0]["gmacs_min"] == points[0]["gmacs_max"] < points[1]["gmacs"]  # threshold 0: all at 3x3
+
+
+@pytest.mark.parametrize("targets, error, match", [
+    ({"train": torch.zeros(10, dtype=torch.long), "num_classes": 3}, ValueError, r"one entry per image of the split \(64\)"),
+    ({"train": torch.full((64,), 3), "num_classes": 3}, ValueError, r"train labels must be in \[0, 3\)"),
+    ({"train": torch.zeros(64)}, ValueError, "must hold"),
+    ({"train": torch.zeros(64), "num_classes": 2}, ValueError, "targets must be one integer per image"),
+], ids=["length", "range", "no-classes", "floats"])
+def test_bad_targets_name_the_argument(tmp_path, targets, error, match):
+    torch.save(targets, tmp_path / "t.pt")
+    with pytest.raises(error, match=match):
+        train(tiny(tmp_path, targets=str(tmp_path / "t.pt")), progress=False)

@@ -223,7 +223,7 @@ def targets(rep: dict, gpu: bool) -> list[dict]:
     rows = []
 
     def add(what, value, goal, higher=True):
-        rows.append({"target": what, "measured": value, "goal": goal,
+        rows.append({"target": what, "measured": value, "goal": goal, "higher": higher,
                      "met": value >= goal if higher else value <= goal})
 
     if gpu:
@@ -268,11 +268,13 @@ def table(rep: dict) -> str:
                  "rounds):")
     for key, ratio in rep["paired_single"].items():
         lines.append(f"  {key:42s} {ratio['median']:.3f} ({ratio['q1']:.3f}-{ratio['q3']:.3f})")
-    lines.append("targets:")
-    for t in rep["targets"]:
-        lines.append(f"  {'met   ' if t['met'] else 'MISSED'} {t['target']}: {t['measured']:.3f} "
-                     f"({'>=' if 'latency' not in t['target'] and 'time' not in t['target'] else '<='} {t['goal']})")
-    return "\n".join(lines)
+    return "\n".join(lines + target_lines(rep["targets"]))
+
+
+def target_lines(rows: list[dict]) -> list[str]:
+    """``targets:`` and one line per target row (met or missed, measured, goal)."""
+    return ["targets:"] + [f"  {'met   ' if t['met'] else 'MISSED'} {t['target']}: {t['measured']:.3f} "
+                           f"({'>=' if t['higher'] else '<='} {t['goal']})" for t in rows]
 
 
 def _place_labels(ax, points, labels, fontsize=8) -> list:

@@ -1,9 +1,10 @@
 """The adaptive model families built on the patched timm ViT, one module
-each: :mod:`.evit` today; ReViT, routed models, the early-exit cascade and
-CF-ViT land beside it. Importing this package imports no family (nor timm)."""
+each: :mod:`.evit` and :mod:`.revit` (which imports timm) today; routed
+models, the early-exit cascade and CF-ViT land beside them. Importing this
+package imports no family (nor timm)."""
 import importlib
 
-_FAMILIES = ("evit",)
+_FAMILIES = ("evit", "revit")
 
 
 def __getattr__(name):

@@ -54,15 +54,22 @@ CHECK_EVERY = 10  # steps between the checks that the loss is finite (each costs
 class TrainConfig:
     """Everything a run depends on; stored in its checkpoint and records.
 
-    Model: ``model`` (a ``timm.create_model`` name), ``model_kwargs`` (its
-    keyword overrides, e.g. ``img_size=28, patch_size=2, in_chans=1``),
-    ``pretrained``, ``init`` (initial weights: a lab checkpoint, whose
-    ``state_dict`` is taken, or any checkpoint timm's ``load_checkpoint``
-    reads). ``num_classes`` defaults to the data's.
+    Model: ``model`` (a ``timm.create_model`` name: a ViT, which is
+    patched, or any other classifier, e.g. ReViT's assigner CNN),
+    ``model_kwargs`` (its keyword overrides, e.g. ``img_size=28,
+    patch_size=2, in_chans=1``), ``pretrained``, ``init`` (initial weights:
+    a lab checkpoint, whose ``state_dict`` is taken, or any checkpoint timm's
+    ``load_checkpoint`` reads), ``img_size`` (the input side; None: a ViT's
+    own, else timm's default). ``num_classes`` defaults to the data's.
 
     Data: ``data`` (``"animal-mnist"`` or an ImageFolder root), ``limit``
     (first images of the training split only), ``workers``, ``aug``
-    (overrides of :data:`adaptok.data.DEFAULTS`, e.g. ``{"no_aug": True}``).
+    (overrides of :data:`adaptok.data.DEFAULTS`, e.g. ``{"no_aug": True}``),
+    ``targets`` (a torch file ``{"train": [N] int64, "val": [M] int64
+    (optional), "num_classes": K}`` of labels replacing the data's, one per
+    image of each split after ``limit``, and optionally ``"classes"``, what
+    each class stands for, kept in the checkpoint): e.g. ReViT's
+    token-length labels, :func:`adaptok.models.revit.save_labels`).
 
     Optimization: ``epochs``, ``batch_size`` (global), ``opt``, ``lr``,
     ``weight_decay``, ``sched``, ``warmup_epochs``, ``warmup_lr``,
@@ -81,7 +88,9 @@ class TrainConfig:
     pretrained: bool = False
     init: Optional[str] = None
     num_classes: Optional[int] = None
+    img_size: Optional[int] = None
     data: str = lab_data.ANIMAL_MNIST
+    targets: Optional[str] = None
     limit: Optional[int] = None
     workers: int = 0
     aug: dict = dataclasses.field(default_factory=dict)
@@ -128,13 +137,20 @@ class TrainConfig:
                 raise TypeError(f"{name} must be a dict, got {type(getattr(self, name)).__name__}")
         if self.init is not None and not os.path.isfile(self.init):
             raise FileNotFoundError(f"init must be a checkpoint file, {self.init!r} does not exist")
+        if self.targets is not None and not os.path.isfile(self.targets):
+            raise FileNotFoundError(f"targets must be a file of labels, {self.targets!r} does not exist")
+        if self.img_size is not None and (isinstance(self.img_size, bool) or not isinstance(self.img_size, int)
+                                          or self.img_size < 1):
+            raise ValueError(f"img_size must be a positive int or None, got {self.img_size!r}")
         lab_data.source(self.data)
 
 
 # ------------------------------------------------------------------ models
 
 
-def _load_file(path: str) -> dict:
+def read_checkpoint(path: str) -> Any:
+    """The contents of a checkpoint file (torch, with timm's training
+    arguments allowed, or safetensors); errors name the checkpoint."""
     try:
         if str(path).endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -153,7 +169,7 @@ def load_weights(model: nn.Module, path: str, use_ema: bool = False) -> None:
     ``state_dict``, or ``state_dict_ema`` with ``use_ema``), a timm training
     checkpoint or a bare state dict. A mismatch is a ValueError naming the
     checkpoint and the keys that differ."""
-    _load_state(model, _load_file(path), path, use_ema)
+    _load_state(model, read_checkpoint(path), path, use_ema)
 
 
 def _load_state(model: nn.Module, ckpt: Any, path: str, use_ema: bool) -> None:
@@ -182,8 +198,8 @@ def _load_state(model: nn.Module, ckpt: Any, path: str, use_ema: bool) -> None:
 
 def create_model(name: Optional[str] = None, *, checkpoint: Optional[str] = None, pretrained: bool = False,
                  use_ema: bool = False, **kwargs) -> nn.Module:
-    """A patched timm ViT: ``timm.create_model(name, pretrained, **kwargs)``,
-    then :func:`adaptok.patch`, then ``checkpoint``'s weights. With a lab
+    """A timm model: ``timm.create_model(name, pretrained, **kwargs)``,
+    then :func:`adaptok.patch` for a ViT, then ``checkpoint``'s weights. With a lab
     checkpoint, ``name`` and ``kwargs`` default to the ones it was trained
     with, the keep rate and prune layers are set as it was trained, and
     ``model.adaptok_method`` holds the training method's state (its
@@ -191,12 +207,13 @@ def create_model(name: Optional[str] = None, *, checkpoint: Optional[str] = None
     configuration (both empty for other checkpoints). Errors name
     ``model`` or ``checkpoint``."""
     import timm
+    from timm.models.vision_transformer import VisionTransformer
 
     from ..timm_vit import patch
 
     trained = config = None
     if checkpoint is not None:
-        ckpt = _load_file(checkpoint)
+        ckpt = read_checkpoint(checkpoint)
         config = ckpt.get("config") if isinstance(ckpt, dict) else None
         if isinstance(config, dict):
             name = name or config["model"]
@@ -207,11 +224,13 @@ def create_model(name: Optional[str] = None, *, checkpoint: Optional[str] = None
     if not timm.is_model(name):
         raise ValueError(f"model {name!r} is not a timm model name (timm.list_models() lists them)")
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    model = patch(timm.create_model(name, pretrained=pretrained, **kwargs))
+    model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    if isinstance(model, VisionTransformer):
+        patch(model)
+    if trained:  # the model as its method made it: EViT's keep rate and prune layers, a ReViT's lengths
+        create_method(trained["method"], **{k: v for k, v in trained.items() if k != "method"}).setup(model)
     if checkpoint is not None:
         _load_state(model, ckpt, checkpoint, use_ema)
-    if trained and trained.get("keep_rate") is not None:  # as trained: EViT's keep rate and prune layers
-        model.set_pruning(trained["keep_rate"], trained.get("prune_layers"))
     model.adaptok_method = dict(trained or {})
     model.adaptok_config = dict(config or {}) if checkpoint is not None else {}
     return model
@@ -230,6 +249,21 @@ class _Dist:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+
+def _read_targets(path: str) -> dict:
+    """A targets file (see :class:`TrainConfig`), checked."""
+    targets = read_checkpoint(path)
+    if not isinstance(targets, dict) or not torch.is_tensor(targets.get("train")) or not isinstance(
+            targets.get("num_classes"), int):
+        raise ValueError(f"targets {path!r} must hold {{'train': int64 tensor, 'num_classes': int}} "
+                         f"(and optionally 'val')")
+    for split in ("train", "val"):
+        t = targets.get(split)
+        if t is not None and len(t) and not 0 <= int(t.min()) <= int(t.max()) < targets["num_classes"]:
+            raise ValueError(f"targets {path!r}: {split} labels must be in [0, {targets['num_classes']}), "
+                             f"got {int(t.min())}..{int(t.max())}")
+    return targets
 
 
 def _init_distributed(device: Optional[str]) -> tuple[_Dist, torch.device]:
@@ -320,26 +354,28 @@ def train(config: TrainConfig | dict, method: Optional[Method] = None, *, device
 
     # The model, from the seed, on every process alike.
     _seed(config.seed)
-    num_classes = config.num_classes or lab_data.class_count(config.data)
+    relabel = _read_targets(config.targets) if config.targets is not None else None
+    num_classes = config.num_classes or (relabel["num_classes"] if relabel else lab_data.class_count(config.data))
     model = create_model(config.model, pretrained=config.pretrained, num_classes=num_classes, **config.model_kwargs)
     if config.init is not None:
         load_weights(model, config.init)
     method.setup(model)
     model.to(dev)
-    img_size = int(model.patch_embed.img_size[0])
-    channels = int(model.patch_embed.proj.in_channels)
+    channels, img_size = lab_data.model_input(model, config.img_size)
     if channels not in (1, 3):
         raise ValueError(f"the model takes {channels} input channels; the lab's data has 1 or 3")
 
     loader = lab_data.create_loader(config.data, "train", local_batch, img_size, channels, distributed=dist.active,
-                                    workers=config.workers, limit=config.limit, **config.aug)
+                                    workers=config.workers, limit=config.limit,
+                                    targets=relabel["train"] if relabel else None, **config.aug)
     if len(loader) == 0:
         raise ValueError(f"batch_size ({config.batch_size}) is larger than the training split "
                          f"({len(loader.dataset)} images): no full batch")
     val_loader = None
-    if config.eval_every and dist.main:
+    if config.eval_every and dist.main and (relabel is None or relabel.get("val") is not None):
         val_loader = lab_data.create_loader(config.data, "val", max(local_batch, 64), img_size, channels,
-                                            workers=config.workers, **lab_data.eval_settings(config.aug))
+                                            workers=config.workers, targets=relabel.get("val") if relabel else None,
+                                            **lab_data.eval_settings(config.aug))
     updates = len(loader)
     optimizer = create_optimizer_v2(model, opt=config.opt, lr=config.lr, weight_decay=config.weight_decay)
     scheduler, _ = create_scheduler_v2(optimizer, sched=config.sched, num_epochs=config.epochs,
@@ -361,7 +397,7 @@ def train(config: TrainConfig | dict, method: Optional[Method] = None, *, device
     records: list = []
     start = 0
     if config.resume and os.path.exists(path):
-        ckpt = _load_file(path)
+        ckpt = read_checkpoint(path)
         saved = {**_plain(ckpt["config"]), "method": _plain(ckpt["method"])}
         now = {**_plain(dataclasses.asdict(config)), "method": _plain(method.state())}
         diff = sorted(k for k in saved if k not in ("resume", "out", "eval_every") and saved[k] != now.get(k))
@@ -437,6 +473,7 @@ def train(config: TrainConfig | dict, method: Optional[Method] = None, *, device
         records.append(record)
         if dist.main:
             state = {"config": dataclasses.asdict(config), "method": method.state(), "num_classes": num_classes,
+                     "classes": relabel.get("classes") if relabel else None,
                      "epoch": epoch + 1, "records": records, "state_dict": model.state_dict(),
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
             if ema is not None:

@@ -52,7 +52,7 @@ class Method:
     def forward(self, model, images: Tensor) -> Tensor:
         """``images [B, C, H, W]`` -> logits ``[B, classes]`` as this method
         runs the model (also what evaluation calls)."""
-        return model(images, grid=self.grid)
+        return model(images) if self.grid is None else model(images, grid=self.grid)  # any classifier at None
 
     def loss(self, model, images: Tensor, targets: Tensor, criterion) -> Tensor:
         """The scalar training loss of one batch. ``targets`` are class
@@ -107,7 +107,62 @@ class EViT(Method):
                 "prune_layers": self.prune_layers}
 
 
-METHODS = {"ce": Method, "evit": EViT}
+class ReViT(Method):
+    """ReViT: every image at every token length in one packed pass
+    (:func:`adaptok.models.revit.loss`); the teacher (largest grid) learns
+    from the label, the shorter lengths from the label and the teacher.
+
+    Args:
+        grids: the token grid sides (the model is converted at setup, or
+            must be a ReViT of these grids already).
+        lam, tau, distillation: the student loss
+            ``(1 - lam) * CE + lam * tau^2 * KL`` (``"soft"``) or with the
+            teacher's predicted label (``"hard"``); ``lam=0``: no
+            self-distillation.
+        tal_ln, distill_token, own_patch_embed: the model's options
+            (:func:`adaptok.models.revit.convert`).
+        grid: the grid :meth:`forward` (evaluation) runs (None: the model's).
+    """
+
+    name = "revit"
+
+    def __init__(self, grids=(14, 10, 7), lam: float = 0.5, tau: float = 0.9, distillation: str = "soft",
+                 tal_ln: bool = True, distill_token: bool = True, own_patch_embed: bool = False,
+                 grid: Optional[int] = None):
+        from ..models import revit
+
+        super().__init__(grid)
+        self.grids = revit.check_grids(grids)
+        revit.check_loss_args(lam, tau, distillation)
+        if grid is not None and grid not in self.grids:
+            raise ValueError(f"grid must be one of grids {self.grids}, got {grid!r}")
+        if lam == 0 and distill_token:
+            raise ValueError("lam=0 (no self-distillation) leaves the distillation token untrained: "
+                             "use distill_token=False with it")
+        self.lam, self.tau, self.distillation = lam, tau, distillation
+        self.options = dict(tal_ln=bool(tal_ln), distill_token=bool(distill_token),
+                            own_patch_embed=bool(own_patch_embed))
+
+    def setup(self, model: nn.Module) -> None:
+        from ..models import revit
+
+        if not revit.is_revit(model):
+            revit.convert(model, self.grids, **self.options)
+        elif model.revit_grids != self.grids:
+            raise ValueError(f"grids {self.grids} differ from the model's {model.revit_grids}")
+        model.distilled_training = True
+
+    def loss(self, model, images: Tensor, targets: Tensor, criterion) -> Tensor:
+        from ..models import revit
+
+        return revit.loss(model, images, targets, criterion, self.lam, self.tau, self.distillation)
+
+    def state(self) -> dict:
+        return {**super().state(), "grids": self.grids, "lam": self.lam, "tau": self.tau,
+                "distillation": self.distillation, **self.options}
+
+
+METHODS = {"ce": Method, "evit": EViT, "revit": ReViT}
 
 
 def create_method(name: str = "ce", **kwargs) -> Method:

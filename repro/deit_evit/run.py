@@ -64,6 +64,17 @@ def finished(fields: dict) -> bool:
     return same and ckpt["epoch"] == fields["epochs"]
 
 
+def timed_train(fields: dict) -> None:
+    """Train the run unless it is finished, adding its seconds to ``out/train_seconds``."""
+    if finished(fields):
+        return
+    print(f"=== {fields['out']}", flush=True)
+    t0 = time.time()
+    train(fields, progress=False)
+    with open(os.path.join(fields["out"], "train_seconds"), "a") as f:
+        f.write(f"{time.time() - t0:.1f}\n")
+
+
 def evaluate_run(path: str, loader, *, keep_rate="trained", prune_layers=None, grid=None, npz=None) -> dict:
     model = create_model(checkpoint=path)
     if keep_rate != "trained":
@@ -179,14 +190,7 @@ def main(argv=None) -> int:
             for name in cfg["runs"]:
                 if args.only and name not in args.only:
                     continue
-                fields = run_config(cfg, name, seed, args.runs)
-                if finished(fields):
-                    continue
-                print(f"=== {name} seed {seed}", flush=True)
-                t0 = time.time()
-                train(fields, progress=False)
-                with open(os.path.join(fields["out"], "train_seconds"), "a") as f:
-                    f.write(f"{time.time() - t0:.1f}\n")
+                timed_train(run_config(cfg, name, seed, args.runs))
     per_seed, train_s = {}, {}
     for seed in sorted(set(cfg["seeds"]) | set(seeds)):
         r = evaluate_seed(cfg, seed, args.runs, args.results)
