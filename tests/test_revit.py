@@ -210,6 +210,10 @@ def test_grid_auto_runs_the_assigned_grids_and_counts_the_assigner():
             logits, spent = m.forward_with_macs(x, grid="auto")
             want = torch.tensor([macs(m, g) for g in sides.tolist()]) + a.macs()
             assert spent.tolist() == want.tolist()
+            torch.testing.assert_close(logits, m(x, grid=sides))
+        fixed, none = m.forward_with_macs(x, grid=7)
+        assert none is None  # the cost follows from the grid: evaluate counts it outside its timer
+        torch.testing.assert_close(fixed, m(x, grid=7))
         a.threshold = 0.0
         assert m.assign(x).tolist() == [7] * 6
     assert "assigner" in dict(m.named_children())

@@ -161,6 +161,7 @@ def training(args, device, dtype, model) -> dict:
     Algorithm 1's loop, alternating per round (first one untimed each)."""
     from adaptok.models import revit
 
+    model.set_assigner(None)  # training runs the ViT only
     model = model.train()
     model.distilled_training = True
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..cost import macs
 from ..data import model_input
 from ..errors import UnsupportedModelError
 from ..layout import host_grid
@@ -54,6 +55,8 @@ from ..timm_vit import AdaptiveVisionTransformer, AdaptiveViTMixin
 
 GRIDS = (14, 10, 7)
 DISTILLATION = ("soft", "hard")
+NO_KEEP_RATE = ("ReViT with a keep rate is not supported (EViT ranks tokens after a fixed prefix; ReViT's prefix "
+                "differs per length)")
 # Defaults of the student loss (1 - lam) * CE + lam * tau^2 * KL. The paper
 # gives no lambda; tau is 0.5 or 0.9 in its Table 2 and 5 in its text: 0.9
 # is the table's best for the shorter lengths. lam = 0.5 weighs label and
@@ -211,8 +214,7 @@ class ReViT(AdaptiveVisionTransformer):
 
     def _configure(self, keep_rate, prune_layers, fuse: bool) -> None:
         if keep_rate is not None:
-            raise UnsupportedModelError("ReViT with a keep rate is not supported (EViT ranks tokens after a fixed "
-                                        "prefix; ReViT's prefix differs per length)")
+            raise UnsupportedModelError(NO_KEEP_RATE)
         super()._configure(keep_rate, prune_layers, fuse)
 
     def _check_grids(self, grid, batch: int) -> None:
@@ -339,17 +341,22 @@ class ReViT(AdaptiveVisionTransformer):
         return self.assigner.assign(images, threshold)
 
     @torch.no_grad()
-    def forward_with_macs(self, images: Tensor, grid=None) -> tuple[Tensor, Tensor]:
-        """``(logits [B, K], macs [B] int64)``: what ``grid`` ran on each
-        image; with ``grid="auto"`` the assigner's MACs are included."""
-        from ..evaluate import images_macs
-
-        if isinstance(grid, str) and grid == "auto":
-            sides = self.assign(images).tolist()
-            logits = self(images, grid=sides)
-            spent = images_macs(self, sides, images.shape[0]) + self.assigner.macs()
-            return logits, spent
-        return self(images, grid=grid), images_macs(self, grid, images.shape[0])
+    @torch.no_grad()
+    def forward_with_macs(self, images: Tensor, grid=None) -> tuple[Tensor, Optional[Tensor]]:
+        """``(logits [B, K], macs [B] int64 or None)``. With ``grid="auto"``,
+        the MACs of what ran on each image, the assigner's included (the
+        per-grid counts are computed once); for any other ``grid`` they
+        follow from it, so None: :func:`adaptok.evaluate.evaluate` counts
+        them outside its timer."""
+        if not (isinstance(grid, str) and grid == "auto"):
+            return self(images, grid=grid), None
+        sides = self.assign(images).tolist()
+        logits = self(images, grid=sides)
+        per_grid = self.__dict__.setdefault("_adaptok_macs", {})
+        for g in set(sides) - set(per_grid):
+            per_grid[g] = macs(self, g)
+        extra = self.assigner.macs()
+        return logits, torch.tensor([per_grid[g] + extra for g in sides], dtype=torch.int64)
 
     def extra_repr(self) -> str:
         return f"revit_grids={self.revit_grids}"
@@ -390,8 +397,7 @@ def convert(model: nn.Module, grids: Sequence[int] = GRIDS, *, tal_ln: bool = Tr
         raise UnsupportedModelError("ReViT adds its own distillation token on the shorter lengths; build it from the "
                                     "model without one (e.g. deit_small_patch16_224, not the _distilled_ variant)")
     if getattr(model, "_adaptok_keep_rate", None) is not None:
-        raise UnsupportedModelError("ReViT with a keep rate is not supported (EViT ranks tokens after a fixed "
-                                    "prefix; ReViT's prefix differs per length)")
+        raise UnsupportedModelError(NO_KEEP_RATE)
     gh, gw = model.patch_embed.grid_size
     if gh != gw:
         raise UnsupportedModelError(f"ReViT needs a square patch grid, this model's is {gh}x{gw}")
