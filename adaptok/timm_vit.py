@@ -324,6 +324,26 @@ class AdaptiveViTMixin:
         """Whether a norm of the blocks or the final norm needs the layout."""
         return is_layout_aware(self.norm) or any(blk.layout_aware for blk in self.blocks)
 
+    # Whether the model at its own grid without a keep rate computes what the
+    # timm model computes (a subclass with other tokens or parts says no).
+    timm_parity = True
+
+    def _runs_as_timm(self, x: Tensor, grid) -> bool:
+        """Whether this call is timm's forward exactly: every image at the
+        model's own grid and size, no keep rate, no layout-aware norm. Such
+        a call runs timm's own code, with none of the packing's host work
+        (which decides batch-size-1 latency)."""
+        if not self.timm_parity or self._adaptok_keep_rate is not None or self._layout_aware():
+            return False
+        if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[0] == 0:
+            return False
+        if grid is None:
+            return True
+        if isinstance(grid, int) and not isinstance(grid, bool):
+            gh, gw = self.patch_embed.grid_size
+            return grid == gh == gw and tuple(x.shape[-2:]) == tuple(self.patch_embed.img_size)
+        return False
+
     def _forward_tokens(self, x: Tensor, grid) -> tuple[RaggedBatch, TokenLayout]:
         aware = self._layout_aware()
         batch, layout = self.embed(x, grid, tagged=aware)
@@ -346,6 +366,8 @@ class AdaptiveViTMixin:
             self._plain_only("attn_mask or is_causal", grid)
             return super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
         self._check_not_traced()
+        if self._runs_as_timm(x, grid):
+            return super().forward_features(x)
         if isinstance(x, Tensor) and x.dim() == 4 and x.shape[0] == 0:
             return self._empty_features(x, grid)
         batch, layout = self._forward_tokens(x, grid)
@@ -377,6 +399,8 @@ class AdaptiveViTMixin:
             self._plain_only("attn_mask or is_causal", grid)
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         self._check_not_traced()
+        if self._runs_as_timm(x, grid):
+            return super().forward(x)
         if isinstance(x, Tensor) and x.dim() == 4 and x.shape[0] == 0:  # what timm returns: [0, classes]
             return self.forward_head(self._empty_features(x, grid))
         batch, layout = self._forward_tokens(x, grid)

@@ -311,7 +311,7 @@ def test_a_cnn_on_replaced_targets_trains_and_loads_as_an_assigner(tmp_path):
     with pytest.raises(ValueError, match="assigner was trained for grids"):
         revit.convert(create_model(TINY["model"], num_classes=10, **TINY["model_kwargs"]), (7, 3)).set_assigner(
             assigner)
-    with pytest.raises(ValueError, match="not an assigner's"):
+    with pytest.raises(ValueError, match="not a router's"):
         revit.TokenLengthAssigner.from_checkpoint(train(tiny(tmp_path / "p"), progress=False)["checkpoint"])
     # adaptok-eval: a lab ReViT with the assigner, a threshold sweep.
     from adaptok.evaluate import main as eval_main

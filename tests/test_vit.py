@@ -141,11 +141,38 @@ def test_parity_logits_and_gradients(name, device):
     x = images(model, 2, device)
     expected, actual = model(x), patched(x)
     assert (actual - expected).abs().max().item() <= 1e-5
+    gh, gw = patched.patch_embed.grid_size
+    if gh == gw:  # a per-image grid list takes the packed path even at the model's own grid
+        packed = patched(x, grid=[gh, gh])
+        assert (packed - expected).abs().max().item() <= 1e-5
+        actual = packed
     weight = torch.randn_like(expected)
     (expected * weight).sum().backward()
     (actual * weight).sum().backward()
     for (key, p), q in zip(model.named_parameters(), patched.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
+
+
+def test_a_call_at_the_models_own_grid_runs_timms_code(monkeypatch):
+    """No keep rate, every image at the model's grid and size: timm's own
+    forward, bit for bit, with no packing (batch-size-1 latency)."""
+    model, patched = pair("deit_tiny_patch16_224", "cpu")
+    x = images(model, 2, "cpu")
+    expected = model(x)
+
+    def packed(*args, **kwargs):
+        raise AssertionError("packed path taken")
+
+    monkeypatch.setattr(type(patched), "_forward_tokens", packed)
+    assert torch.equal(patched(x), expected) and torch.equal(patched(x, grid=14), expected)
+    assert torch.equal(patched.forward_features(x), model.forward_features(x))
+    with pytest.raises(AssertionError, match="packed path taken"):
+        patched(x, grid=[14, 14])
+    with pytest.raises(AssertionError, match="packed path taken"):
+        patched(resize_images(x, (112, 112)), grid=14)  # other sizes are resized by the packed path
+    patched.keep_rate = 0.7
+    with pytest.raises(AssertionError, match="packed path taken"):
+        patched(x)
 
 
 def test_parity_under_autocast(device):

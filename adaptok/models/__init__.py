@@ -1,10 +1,10 @@
 """The adaptive model families built on the patched timm ViT, one module
-each: :mod:`.evit` and :mod:`.revit` (which imports timm) today; routed
-models, the early-exit cascade and CF-ViT land beside them. Importing this
-package imports no family (nor timm)."""
+each: :mod:`.evit`, :mod:`.revit` (which imports timm) and :mod:`.routed`
+(routed models and the early-exit cascade); CF-ViT lands beside them.
+Importing this package imports no family (nor timm)."""
 import importlib
 
-_FAMILIES = ("evit", "revit")
+_FAMILIES = ("evit", "revit", "routed")
 
 
 def __getattr__(name):

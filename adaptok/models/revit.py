@@ -46,11 +46,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..cost import macs
-from ..data import model_input
 from ..errors import UnsupportedModelError
 from ..layout import host_grid
 from ..nn.attention import runs
 from ..ragged import RaggedBatch
+from ..routing import Router, cheapest_correct, save_labels  # noqa: F401  (save_labels: ReViT's labels file)
 from ..timm_vit import AdaptiveVisionTransformer, AdaptiveViTMixin
 
 GRIDS = (14, 10, 7)
@@ -88,103 +88,10 @@ def check_loss_args(lam: float, tau: float, distillation: str) -> None:
 # ------------------------------------------------------------------ the model
 
 
-class TokenLengthAssigner(nn.Module):
-    """The Token-Length Assigner: a small classifier whose classes are
-    ``grids`` in ascending order (class ``i``: "``grids[i]`` is the shortest
-    length that classifies this image correctly").
-
-    The knob ``threshold`` trades accuracy for cost: each image gets the
-    shortest grid whose cumulative probability (from the shortest up)
-    reaches it, i.e. the shortest length the assigner is at least
-    ``threshold`` sure suffices; none reaching it gives the longest.
-    ``threshold=0`` sends every image to the shortest grid, and values
-    towards 1 send more images to longer grids.
-
-    Args:
-        net: any image classifier with ``len(grids)`` outputs (e.g. a timm
-            CNN), fed the ViT's input resized to ``img_size``.
-        grids: the grid sides its classes stand for.
-        img_size: the side of the images the assigner sees (others are
-            resized to it).
-        threshold: in [0, 1].
-    """
-
-    def __init__(self, net: nn.Module, grids: Sequence[int], img_size: int, threshold: float = 0.5):
-        super().__init__()
-        self.net = net
-        self.grids = tuple(sorted(check_grids(grids)))
-        outputs = getattr(net, "num_classes", None)
-        if outputs is not None and outputs != len(self.grids):
-            raise ValueError(f"net must have one output per grid ({len(self.grids)}), it has {outputs}")
-        if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1:
-            raise ValueError(f"img_size must be a positive int, got {img_size!r}")
-        self.img_size = img_size
-        self.threshold = threshold
-
-    @property
-    def threshold(self) -> float:
-        return self._threshold
-
-    @threshold.setter
-    def threshold(self, value: float) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-            raise ValueError(f"threshold must be a number in [0, 1], got {value!r}")
-        self._threshold = float(value)
-
-    @classmethod
-    def from_checkpoint(cls, path: str, threshold: float = 0.5) -> "TokenLengthAssigner":
-        """The assigner trained by the lab on :func:`save_labels`'s targets
-        (its checkpoint keeps the grids its classes stand for)."""
-        from ..train.loop import create_model, read_checkpoint
-
-        ckpt = read_checkpoint(path)
-        grids = ckpt.get("classes") if isinstance(ckpt, dict) else None
-        if not grids:
-            raise ValueError(f"checkpoint {path!r} is not an assigner's: it names no grids (train it on "
-                             f"save_labels' targets)")
-        net = create_model(checkpoint=path)
-        side = ckpt["config"].get("img_size") or model_input(net)[1]
-        return cls(net.eval(), grids, side, threshold)
-
-    def forward(self, images: Tensor) -> Tensor:
-        """``images [B, C, H, W]`` -> logits ``[B, len(grids)]``."""
-        if tuple(images.shape[-2:]) != (self.img_size,) * 2:
-            from ..layout import resize_images
-
-            images = resize_images(images, (self.img_size, self.img_size))
-        return self.net(images)
-
-    def choose(self, probs: Tensor, threshold: Optional[float] = None) -> Tensor:
-        """``probs [B, len(grids)]`` -> the class index of each image ``[B]``
-        under ``threshold`` (default: the assigner's)."""
-        t = self.threshold if threshold is None else threshold
-        reached = probs.float().cumsum(-1) >= t - 1e-6  # rounding must not push t = 1 past every class
-        reached[:, -1] = True
-        return reached.int().argmax(-1)
-
-    @torch.no_grad()
-    def assign(self, images: Tensor, threshold: Optional[float] = None) -> Tensor:
-        """The grid side of every image, ``[B]`` int64 on the images' device."""
-        probs = self(images).float().softmax(-1)
-        return torch.tensor(self.grids, device=images.device)[self.choose(probs, threshold)]
-
-    def macs(self) -> int:
-        """The multiply-accumulates of one image, counted by PyTorch's
-        FLOP counter on a forward at the assigner's input size."""
-        cached = self.__dict__.get("_macs")
-        if cached is None:
-            from torch.utils.flop_counter import FlopCounterMode
-
-            p = next(self.parameters())
-            x = torch.zeros(1, model_input(self.net)[0], self.img_size, self.img_size, device=p.device,
-                            dtype=p.dtype)
-            was = self.training
-            self.eval()
-            with torch.no_grad(), FlopCounterMode(display=False) as counter:
-                self.net(x)
-            self.train(was)
-            cached = self.__dict__["_macs"] = counter.get_total_flops() // 2
-        return cached
+# The Token-Length Assigner is adaptok's router: a small classifier whose
+# classes are the grids in ascending order, with a cumulative-probability
+# threshold (see adaptok.routing.Router).
+TokenLengthAssigner = Router
 
 
 class ReViT(AdaptiveVisionTransformer):
@@ -193,6 +100,7 @@ class ReViT(AdaptiveVisionTransformer):
 
     revit_grids: tuple = GRIDS
     distilled_training: bool = False
+    timm_parity = False  # its own patch embeddings, tables and heads, even at the teacher's grid
 
     # ---------------------------------------------------------- lengths
 
@@ -563,28 +471,6 @@ def token_length_labels(model: nn.Module, loader, device=None) -> Tensor:
         targets = targets.to(dev)
         ascending = sorted(logits, key=int)
         correct = torch.stack([logits[g].argmax(-1) == targets for g in ascending], 1)  # [b, G]
-        first = torch.where(correct.any(1), correct.int().argmax(1), len(ascending) - 1)
-        out.append(torch.tensor(ascending, device=dev)[first].cpu())
+        out.append(torch.tensor(ascending)[cheapest_correct(correct.cpu())])
     model.train(was)
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64)
-
-
-def save_labels(path: str, grids: Sequence[int], train: Tensor, val: Optional[Tensor] = None) -> dict:
-    """Write token-length labels (grid sides, as :func:`token_length_labels`
-    gives them) as a lab targets file (``TrainConfig.targets``): class ``i``
-    is the ``i``-th smallest of ``grids``, as :class:`TokenLengthAssigner`
-    reads it. Returns what was written."""
-    ascending = sorted(check_grids(grids))
-    index = {g: i for i, g in enumerate(ascending)}
-
-    def classes(sides):
-        bad = sorted(set(sides.tolist()) - set(index))
-        if bad:
-            raise ValueError(f"labels must be grid sides from {tuple(ascending)}, got {bad}")
-        return torch.tensor([index[g] for g in sides.tolist()], dtype=torch.int64)
-
-    out = {"train": classes(train), "num_classes": len(ascending), "classes": ascending}
-    if val is not None:
-        out["val"] = classes(val)
-    torch.save(out, path)
-    return out

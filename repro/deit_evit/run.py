@@ -75,6 +75,28 @@ def timed_train(fields: dict) -> None:
         f.write(f"{time.time() - t0:.1f}\n")
 
 
+def load_config(path: str) -> tuple[dict, dict]:
+    """A study's config.json and the recipe config its ``base_from`` names."""
+    with open(path) as f:
+        cfg = json.load(f)
+    with open(os.path.join(os.path.dirname(path), cfg["base_from"])) as f:
+        return cfg, json.load(f)
+
+
+def run_fields(cfg: dict, base: dict, name: str, seed: int, runs: str) -> dict:
+    """The TrainConfig fields of run ``name`` of a study built on ``base``'s recipe."""
+    return {**base["base"], **cfg["runs"][name], "seed": seed, "out": os.path.join(runs, f"{name}-s{seed}")}
+
+
+def train_seconds(out: str):
+    """The training seconds ``timed_train`` recorded in ``out`` (None: none)."""
+    path = os.path.join(out, "train_seconds")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return sum(float(x) for x in f.read().split())
+
+
 def evaluate_run(path: str, loader, *, keep_rate="trained", prune_layers=None, grid=None, npz=None) -> dict:
     model = create_model(checkpoint=path)
     if keep_rate != "trained":

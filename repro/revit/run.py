@@ -30,34 +30,15 @@ from adaptok import data as lab_data  # noqa: E402
 from adaptok.evaluate import evaluate, plot  # noqa: E402
 from adaptok.models import revit  # noqa: E402
 from adaptok.train import create_model  # noqa: E402
-from run import commit, finished, timed_train  # noqa: E402  (repro/deit_evit/run.py)
+from run import commit, finished, load_config, run_fields, timed_train, train_seconds  # noqa: E402  (repro/deit_evit/run.py)
 
 NAMES = {"revit": "ReViT (TAL-LN, self-distillation)", "revit_no_sd": "ReViT without self-distillation",
          "revit_shared_ln": "ReViT with one shared LayerNorm", "revit_own_pe": "ReViT with a patch embedding per length"}
 
 
-def load_config(path: str) -> tuple[dict, dict]:
-    with open(path) as f:
-        cfg = json.load(f)
-    with open(os.path.join(os.path.dirname(path), cfg["base_from"])) as f:
-        return cfg, json.load(f)
-
-
-def run_fields(cfg: dict, base: dict, name: str, seed: int, runs: str) -> dict:
-    return {**base["base"], **cfg["runs"][name], "seed": seed, "out": os.path.join(runs, f"{name}-s{seed}")}
-
-
 def assigner_fields(cfg: dict, seed: int, runs: str, labels: str) -> dict:
     return {**cfg["assigner"], "data": "animal-mnist", "targets": labels, "seed": seed,
             "out": os.path.join(runs, f"assigner-s{seed}")}
-
-
-def train_seconds(out: str):
-    path = os.path.join(out, "train_seconds")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return sum(float(x) for x in f.read().split())
 
 
 def loader(split: str):

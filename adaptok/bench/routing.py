@@ -1,0 +1,244 @@
+"""Routed models' speed (``python -m adaptok.bench.routing``): end-to-end
+images per second of the trained lab models on real images, everything
+inside the timed call (router, resize, partition, each model on its own
+images, reordering), in one run:
+
+- ``P14, timm``: the plain timm model with P14's weights (what users run
+  without adaptok), and ``P14, adaptok`` (the same model patched);
+- ``routed t=...``: :class:`adaptok.models.routed.RoutedModel` with the
+  trained router at each ``--threshold``;
+- ``cascade ~t=...``: the early-exit cascade over P7, P10 and P14 at the
+  accuracy of that routed variant (the cheapest exit thresholds whose top-1
+  on the benchmark images reaches the routed top-1, else the most accurate
+  setting; both are reported).
+
+The models are ``repro/deit_evit``'s P7 and P14 and ``repro/routing``'s P10
+and router (``--p7`` ... to use others); the images are the first
+``--batch`` of animal-mnist's val split, and at batch size 1 the first
+``--single`` of them in turn, every variant on the same image in a round:
+the routed latency is the mean over those images (whose routes differ), as
+a stream of single images would see it. Rounds interleave the variants and
+every other round runs them in reverse; medians and quartiles are
+reported. Writes ``routing-bench.json`` to ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+from typing import Optional
+
+import torch
+
+from adaptok.bench.e2e import Variant, measure, target_lines
+from adaptok.bench.timing import environment, summarize
+from adaptok.devices import default_device
+
+_REPRO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "repro")
+DEFAULTS = {"p7": os.path.join(_REPRO, "deit_evit", "checkpoints", "p7-s0.pth"),
+            "p10": os.path.join(_REPRO, "routing", "checkpoints", "p10-s0.pth"),
+            "p14": os.path.join(_REPRO, "deit_evit", "checkpoints", "p14-s0.pth"),
+            "router": os.path.join(_REPRO, "routing", "checkpoints", "router-s0.pth")}
+
+
+def plain_timm(model):
+    """An unpatched timm copy of a lab ViT (its class before adaptok.patch),
+    with the same weights."""
+    import timm
+
+    cfg = model.adaptok_config
+    plain = timm.create_model(cfg["model"], **{**cfg["model_kwargs"], "num_classes": model.num_classes})
+    plain.load_state_dict(model.state_dict())
+    return plain.eval()
+
+
+def load(args, device, dtype) -> tuple:
+    from adaptok.routing import Router
+    from adaptok.train import create_model
+
+    for k in DEFAULTS:
+        if not os.path.exists(getattr(args, k)):
+            raise SystemExit(f"--{k} {getattr(args, k)!r} does not exist (the defaults are the repository's "
+                             f"repro/ checkpoints; pass your own)")
+    models = {g: create_model(checkpoint=getattr(args, f"p{g}")).eval().to(device, dtype) for g in (7, 10, 14)}
+    router = Router.from_checkpoint(args.router).to(device, dtype)
+    return models, router, plain_timm(models[14]).to(device, dtype)
+
+
+def bench_images(args, device, dtype) -> tuple:
+    from adaptok import data as lab_data
+
+    xs, ys, n = [], [], 0
+    for x, y in lab_data.create_loader("animal-mnist", "val", 256, 28, 1, training=False):
+        xs.append(x)
+        ys.append(y)
+        n += len(x)
+        if n >= args.batch:
+            break
+    return torch.cat(xs)[:args.batch].to(device, dtype), torch.cat(ys)[:args.batch].to(device)
+
+
+def matched_cascade(stage_logits: dict, labels, grids, stage_macs, top1: float) -> dict:
+    """The cheapest thresholds (a 0.05 grid per exit, plus never) whose
+    top-1 reaches ``top1``; else the most accurate setting."""
+    from adaptok import routing
+
+    conf = torch.stack([stage_logits[g].double().softmax(-1).amax(-1) for g in grids], 1).cpu()
+    correct = torch.stack([stage_logits[g].argmax(-1) == labels for g in grids], 1).cpu()
+    values = [i / 20 for i in range(21)] + [routing.NEVER]
+    t = torch.cartesian_prod(*[torch.tensor(values, dtype=torch.float64)] * (len(grids) - 1))
+    t = t.view(-1, len(grids) - 1)
+    right, spent, _ = routing.cascade_outcome(conf, correct, torch.tensor(stage_macs, dtype=torch.float64), t)
+    acc = 100.0 * right.double().mean(1)
+    g = spent.mean(1)
+    ok = acc >= top1 - 1e-9
+    i = int(torch.where(ok, g, torch.full_like(g, float("inf"))).argmin()) if bool(ok.any()) else int(acc.argmax())
+    return {"thresholds": t[i].tolist(), "top1": float(acc[i]), "gmacs": float(g[i]) / 1e9, "reached": bool(ok.any())}
+
+
+def run(args, device, dtype) -> dict:
+    from adaptok.cost import macs
+    from adaptok.models.routed import Cascade, RoutedModel
+
+    models, router, timm14 = load(args, device, dtype)
+    x, y = bench_images(args, device, dtype)
+    grids = (7, 10, 14)
+    with torch.inference_mode():
+        stage = {g: models[g](x, grid=g).float() for g in grids}
+    stage_macs = [macs(models[g], g) for g in grids]
+    variants = []
+    info = {}
+    singles = {}
+
+    def single(fn):
+        """A closure that runs ``fn`` on the next benchmark image each call."""
+        state = {"i": 0}
+
+        def call():
+            i = state["i"] % args.single
+            state["i"] += 1
+            return fn(x[i:i + 1])
+        return call
+
+    p14_macs = macs(models[14])
+    variants.append(Variant("P14, timm", "timm", lambda: timm14(x), single(timm14), len(x), 1, p14_macs))
+    variants.append(Variant("P14, adaptok", "adaptok", lambda: models[14](x), single(models[14]), len(x), 1,
+                            p14_macs))
+    info["P14, timm"] = {"top1": 100.0 * float((stage[14].argmax(-1) == y).double().mean()), "gmacs": p14_macs / 1e9}
+    info["P14, adaptok"] = dict(info["P14, timm"])
+    for t in args.threshold:
+        r = copy.copy(router)
+        r.threshold = t
+        routed = RoutedModel({7: models[7], 14: models[14]}, r)
+        with torch.inference_mode():
+            logits, spent = routed.forward_with_macs(x)
+            sides = routed.route(x)
+        top1 = 100.0 * float((logits.argmax(-1) == y).double().mean())
+        name = f"routed t={t:g}"
+        info[name] = {"top1": top1, "gmacs": float(spent.double().mean()) / 1e9,
+                      "share_p7": 100.0 * float((sides == 7).double().mean()), "threshold": t}
+        variants.append(Variant(name, "adaptok", (lambda m=routed: m(x)), single(routed), len(x), 1,
+                                float(spent.double().mean())))
+        c = matched_cascade(stage, y, grids, stage_macs, top1)
+        cascade = Cascade({g: models[g] for g in grids}, c["thresholds"])
+        with torch.inference_mode():
+            _, c_spent = cascade.forward_with_macs(x)
+        cname = f"cascade ~t={t:g}"
+        info[cname] = {**c, "gmacs": float(c_spent.double().mean()) / 1e9}
+        variants.append(Variant(cname, "baseline", (lambda m=cascade: m(x)), single(cascade), len(x), 1,
+                                float(c_spent.double().mean())))
+        singles[name] = cname
+    samples = measure(variants, device, args.repeats, args.warmup, progress=False)
+    results = {}
+    for v in variants:
+        b, s = summarize(samples[(v.name, "batch")]), summarize(samples[(v.name, "single")])
+        results[v.name] = {**info[v.name], "images_per_s": v.images / b["median_s"], "batch": b,
+                           "single_ms_mean": 1e3 * statistics.fmean(samples[(v.name, "single")]), "single": s}
+    base = "P14, timm"
+
+    def bs1_ratio(name: str) -> dict:
+        """Mean latency over each pass through the ``--single`` images,
+        against P14's over the same images and rounds."""
+        a, b = samples[(name, "single")], samples[(base, "single")]
+        n = args.single
+        blocks = [sum(a[i:i + n]) / sum(b[i:i + n]) for i in range(0, len(a) - n + 1, n)] or [sum(a) / sum(b)]
+        q = statistics.quantiles(blocks, n=4) if len(blocks) > 1 else [blocks[0]] * 3
+        return {"median": statistics.median(blocks), "q1": q[0], "q3": q[2], "blocks": len(blocks),
+                "overall": sum(a) / sum(b)}
+
+    rows = []
+    for name, cname in singles.items():
+        r, c = results[name], results[cname]
+        ratio = p14_macs / (r["gmacs"] * 1e9)
+        speedup = r["images_per_s"] / results[base]["images_per_s"]
+        r["speedup_over_p14"], r["mac_ratio"] = speedup, ratio
+        r["vs_cascade"] = r["images_per_s"] / c["images_per_s"]
+        r["bs1_vs_p14"] = bs1_ratio(name)
+        rows += [{"target": f"{name}: speed-up over P14 (timm) / its MAC ratio {ratio:.2f}x", "measured":
+                  speedup / ratio, "goal": 0.9, "higher": True},
+                 {"target": f"{name} vs the cascade at its accuracy (images/s ratio; top-1 {r['top1']:.1f} vs "
+                  f"{c['top1']:.1f})", "measured": r["vs_cascade"], "goal": 1.0, "higher": True},
+                 {"target": f"{name}: batch size 1 latency / P14 (timm), mean over {args.single} images",
+                  "measured": r["bs1_vs_p14"]["median"], "goal": 1.0, "higher": False}]
+    for t in rows:
+        t["met"] = t["measured"] >= t["goal"] if t["higher"] else t["measured"] <= t["goal"]
+    return {"results": results, "targets": rows}
+
+
+def table(rep: dict) -> str:
+    env = rep["environment"]
+    lines = [f"routed P7/P14 and the P7/P10/P14 cascade (lab models, animal-mnist val), on {env['device']}, "
+             f"{rep['dtype']}, torch {env['torch']}, adaptok {env['commit'][:12]}",
+             f"batch {rep['batch']}, medians of {rep['repeats']} rounds; batch size 1: mean over {rep['single']} "
+             f"images, {10 * rep['repeats']} calls",
+             f"{'variant':22s} {'images/s':>9s} {'IQR %':>6s} {'top-1 %':>8s} {'GMACs/img':>9s} {'bs1 ms':>7s}"]
+    for name, r in rep["results"].items():
+        b = r["batch"]
+        iqr = 100 * (b["q3_s"] - b["q1_s"]) / b["median_s"]
+        lines.append(f"{name:22s} {r['images_per_s']:9.1f} {iqr:6.1f} {r['top1']:8.2f} {r['gmacs']:9.4f} "
+                     f"{r['single_ms_mean']:7.2f}")
+    for name, r in rep["results"].items():
+        if "speedup_over_p14" in r:
+            s = r["bs1_vs_p14"]
+            lines.append(f"{name}: {r['share_p7']:.0f} % to P7; speed-up over P14 {r['speedup_over_p14']:.2f}x for a "
+                         f"MAC ratio {r['mac_ratio']:.2f}x; vs cascade {r['vs_cascade']:.2f}x; bs1 / P14 "
+                         f"{s['median']:.3f} ({s['q1']:.3f}-{s['q3']:.3f})")
+    return "\n".join(lines + target_lines(rep["targets"]))
+
+
+def main(argv: Optional[list] = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m adaptok.bench.routing", description=__doc__.split("\n\n")[0])
+    for k, v in DEFAULTS.items():
+        p.add_argument(f"--{k}", default=v, help=f"checkpoint (default: {os.path.relpath(v)})")
+    p.add_argument("--threshold", type=float, nargs="+", default=[0.0, 0.5],
+                   help="router thresholds, one routed variant each (default: 0, repro/routing's operating point "
+                        "picked on train, and 0.5)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--single", type=int, default=16, help="images cycled through at batch size 1")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 20 GPU, 7 CPU; bs1 gets 10x)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--out", default="bench-out")
+    args = p.parse_args(argv)
+    if args.batch < 1 or args.single < 1 or not 1 <= args.single <= args.batch:
+        p.error("--batch and --single must be >= 1, and --single at most --batch")
+    device = torch.device(args.device) if args.device else default_device()
+    dtype = getattr(torch, args.dtype)
+    args.repeats = args.repeats or (20 if device.type == "cuda" else 7)
+    rep = {"environment": environment(device), "dtype": args.dtype, "batch": args.batch, "single": args.single,
+           "repeats": args.repeats, "checkpoints": {k: os.path.relpath(getattr(args, k)) for k in DEFAULTS}}
+    rep.update(run(args, device, dtype))
+    print(table(rep))
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "routing-bench.json")
+    with open(path, "w") as f:
+        json.dump(rep, f, indent=1)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
