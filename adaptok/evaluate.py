@@ -124,22 +124,28 @@ def plot(results: Sequence, path: str, title: str = "Accuracy against compute") 
 
     ``results``: dicts or paths of JSON files as :func:`main` writes them:
     ``{"name": str, "points": [{"gmacs", "top1", ...}], "seeds": optional}``.
-    A point may carry ``top1_std`` (over seeds): drawn as an error bar."""
+    A point may carry ``top1_std`` (over seeds): drawn as an error bar,
+    and ``label``: written next to it. ``"marker": ""`` draws a dense sweep
+    as a line only. With many results the legend goes below the axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    loaded = []
     for r in results:
         if not isinstance(r, dict):
             with open(r) as f:
                 r = json.load(f)
+        loaded.append(r)
+    below = len(loaded) > 6
+    fig, ax = plt.subplots(figsize=(6.4, 4.6 + (0.22 * len(loaded) if below else 0)))
+    for r in loaded:
         pts = sorted(r["points"], key=lambda p: p["gmacs"])
         x = [p["gmacs"] for p in pts]
         y = [p["top1"] for p in pts]
         err = [p.get("top1_std", 0.0) for p in pts]
-        style = dict(marker="o", capsize=3, label=r["name"])
+        style = dict(marker=r.get("marker", "o"), capsize=3, label=r["name"])
         if len(pts) == 1:
             ax.errorbar(x, y, yerr=err if any(err) else None, linestyle="none", markersize=8, **style)
         else:
@@ -152,7 +158,10 @@ def plot(results: Sequence, path: str, title: str = "Accuracy against compute") 
     ax.set_ylabel("Top-1 accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if below:
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1, frameon=False)
+    else:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=150)

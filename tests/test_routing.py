@@ -350,3 +350,18 @@ def test_benchmark_tiny_run(tmp_path, capsys):
     assert r["P14, timm"]["top1"] == r["P14, adaptok"]["top1"]
     assert 0 < r["routed t=0.5"]["gmacs"] < r["P14, timm"]["gmacs"] + 0.01
     assert len(rep["targets"]) == 3 and "targets:" in capsys.readouterr().out
+
+
+def test_benchmark_at_another_scale_tiny_run(tmp_path):
+    """The random-weights mode (the paper's scale with DeiT-S), on a tiny ViT."""
+    import json
+
+    from adaptok.bench import routing as bench
+
+    bench.main(["--model", "vit_tiny_patch16_224", "--model-arg", "img_size=28", "--model-arg", "patch_size=4",
+                "--model-arg", "depth=2", "--batch", "8", "--single", "1", "--repeats", "1", "--warmup", "0",
+                "--mix", "0.5", "--device", "cpu", "--out", str(tmp_path)])
+    rep = json.loads((tmp_path / "routing-bench.json").read_text())
+    assert rep["cascade_share_to_p14"] == 50.0  # the cascade sends the routed model's share on to P14
+    r = rep["results"]["routed 0.5 to P7"]
+    assert r["share_p7"] == 50.0 and 1.0 < r["mac_ratio"] < 4.0

@@ -20,6 +20,17 @@ the routed latency is the mean over those images (whose routes differ), as
 a stream of single images would see it. Rounds interleave the variants and
 every other round runs them in reverse; medians and quartiles are
 reported. Writes ``routing-bench.json`` to ``--out``.
+
+``--model deit_small_patch16_224`` (any timm ViT) runs the same machinery
+at the paper's scale on random weights: P7 and P14 are two models of that
+architecture (P7 run at 7x7 tokens), the router is a 2-block ViT of width
+32 on 7x7 patches, and the route is ``--mix`` (the share sent to P7) while
+the router still runs on every image and its cost counts. With random
+weights there is no accuracy to match, so the cascade (P7 then P14) is
+set to send the same share on to P14 as the routed model does (its exit
+threshold is that quantile of P7's confidence on the batch): the images
+the routed model gives P14 pay for P7 and P14 in the cascade, which is the
+paper's argument, measured.
 """
 from __future__ import annotations
 
@@ -33,7 +44,7 @@ from typing import Optional
 
 import torch
 
-from adaptok.bench.e2e import Variant, measure, target_lines
+from adaptok.bench.e2e import Variant, measure, paired, target_lines
 from adaptok.bench.timing import environment, summarize
 from adaptok.devices import default_device
 
@@ -188,9 +199,87 @@ def run(args, device, dtype) -> dict:
     return {"results": results, "targets": rows}
 
 
+def synthetic(args, device, dtype) -> dict:
+    """The paper's scale on random weights (see the module docstring)."""
+    import timm
+
+    from adaptok.cost import macs
+    from adaptok.models.routed import Cascade, RoutedModel
+    from adaptok.routing import Router
+
+    torch.manual_seed(0)
+    timm14 = timm.create_model(args.model, **args.model_kwargs).eval().to(device, dtype)
+    p14 = copy.deepcopy(timm14)
+    p7 = timm.create_model(args.model, **args.model_kwargs).eval().to(device, dtype)
+    side = int(timm14.patch_embed.img_size[0])
+    chans = int(timm14.patch_embed.proj.in_channels)
+    net = timm.create_model("vit_tiny_patch16_224", img_size=side, patch_size=side // 7, in_chans=chans,
+                            embed_dim=32, depth=2, num_heads=1, num_classes=2)
+    router = Router(net.eval().to(device, dtype), (7, 14), side)
+    routed = RoutedModel({7: p7, 14: p14}, router)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(args.batch, chans, side, side, generator=g).to(device, dtype)
+    n7 = round(args.mix * args.batch)
+    route = torch.tensor([7] * n7 + [14] * (args.batch - n7))[torch.randperm(args.batch, generator=g)]
+    one7, one14 = torch.tensor([7]), torch.tensor([14])
+
+    def routed_call(images, r):
+        router.assign(images)  # its decision is replaced by the mix (random weights); its cost is not
+        return routed(images, route=r)
+
+    with torch.inference_mode():
+        conf = p7(x, grid=7).float().softmax(-1).amax(-1)
+    threshold = float(torch.quantile(conf.double(), 1 - args.mix)) if args.mix < 1 else 0.0
+    cascade = Cascade({7: p7, 14: p14}, [threshold])
+    with torch.inference_mode():
+        _, exits = cascade(x, return_exits=True)
+    m7, m14, mr = macs(p7, 7), macs(p14, 14), router.macs()
+    routed_macs = (n7 * m7 + (args.batch - n7) * m14) / args.batch + mr
+    cascade_macs = m7 + float((exits == 1).double().mean()) * m14
+    one = x[:1]
+    variants = [
+        Variant("P14, timm", "timm", lambda: timm14(x), lambda: timm14(one), len(x), 1, m14),
+        Variant(f"routed {args.mix:g} to P7", "adaptok", lambda: routed_call(x, route), lambda: routed_call(one, one7),
+                len(x), 1, routed_macs),
+        Variant("routed, bs1 at 14", "adaptok", lambda: routed_call(x, route), lambda: routed_call(one, one14),
+                len(x), 1, routed_macs),
+        Variant("cascade 7 -> 14", "baseline", lambda: cascade(x), lambda: cascade(one), len(x), 1, cascade_macs),
+    ]
+    samples = measure(variants, device, args.repeats, args.warmup, progress=False)
+    results = {}
+    for v in variants:
+        b, s1 = summarize(samples[(v.name, "batch")]), summarize(samples[(v.name, "single")])
+        results[v.name] = {"images_per_s": v.images / b["median_s"], "batch": b, "single": s1,
+                           "single_ms_mean": 1e3 * statistics.fmean(samples[(v.name, "single")]),
+                           "gmacs": v.macs / 1e9, "top1": float("nan")}
+    name = f"routed {args.mix:g} to P7"
+    results["routed, bs1 at 14"]["note"] = "batch column repeats the routed batch; bs1 is an image routed to P14"
+    base = samples[("P14, timm", "single")]
+    weighted = [args.mix * a + (1 - args.mix) * b for a, b in zip(samples[(name, "single")],
+                                                                   samples[("routed, bs1 at 14", "single")])]
+    ratio = m14 / routed_macs
+    speedup = results[name]["images_per_s"] / results["P14, timm"]["images_per_s"]
+    bs1 = paired(weighted, base)
+    results[name].update(speedup_over_p14=speedup, mac_ratio=ratio, share_p7=100.0 * args.mix,
+                         vs_cascade=results[name]["images_per_s"] / results["cascade 7 -> 14"]["images_per_s"],
+                         bs1_vs_p14=bs1)
+    rows = [{"target": f"{name}: speed-up over P14 (timm) / its MAC ratio {ratio:.2f}x", "measured": speedup / ratio,
+             "goal": 0.9, "higher": True},
+            {"target": f"{name} vs the cascade sending the same share to P14 (images/s ratio)",
+             "measured": results[name]["vs_cascade"], "goal": 1.0, "higher": True},
+            {"target": f"{name}: batch size 1, mix-weighted latency / P14 (timm), paired", "measured": bs1["median"],
+             "goal": 1.0, "higher": False}]
+    for t in rows:
+        t["met"] = t["measured"] >= t["goal"] if t["higher"] else t["measured"] <= t["goal"]
+    return {"results": results, "targets": rows, "cascade_threshold": threshold,
+            "cascade_share_to_p14": 100.0 * float((exits == 1).double().mean())}
+
+
 def table(rep: dict) -> str:
     env = rep["environment"]
-    lines = [f"routed P7/P14 and the P7/P10/P14 cascade (lab models, animal-mnist val), on {env['device']}, "
+    what = (f"{rep['model']} on random weights, route mix {rep['mix']:g} to P7" if rep.get("model") else
+            "the P7/P10/P14 cascade (lab models, animal-mnist val)")
+    lines = [f"routed P7/P14 and {what}, on {env['device']}, "
              f"{rep['dtype']}, torch {env['torch']}, adaptok {env['commit'][:12]}",
              f"batch {rep['batch']}, medians of {rep['repeats']} rounds; batch size 1: mean over {rep['single']} "
              f"images, {10 * rep['repeats']} calls",
@@ -210,12 +299,18 @@ def table(rep: dict) -> str:
 
 
 def main(argv: Optional[list] = None) -> None:
+    from adaptok.train.cli import key_value
+
     p = argparse.ArgumentParser(prog="python -m adaptok.bench.routing", description=__doc__.split("\n\n")[0])
     for k, v in DEFAULTS.items():
         p.add_argument(f"--{k}", default=v, help=f"checkpoint (default: {os.path.relpath(v)})")
     p.add_argument("--threshold", type=float, nargs="+", default=[0.0, 0.5],
                    help="router thresholds, one routed variant each (default: 0, repro/routing's operating point "
                         "picked on train, and 0.5)")
+    p.add_argument("--model", default=None, help="a timm ViT on random weights instead of the lab models, e.g. "
+                   "deit_small_patch16_224 (the paper's scale)")
+    p.add_argument("--model-arg", action="append", type=key_value, default=[], metavar="KEY=VALUE")
+    p.add_argument("--mix", type=float, default=0.5, help="with --model: the share of images routed to P7")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--batch", type=int, default=256)
@@ -224,14 +319,22 @@ def main(argv: Optional[list] = None) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", default="bench-out")
     args = p.parse_args(argv)
+    args.model_kwargs = dict(args.model_arg)
+    if not 0.0 <= args.mix <= 1.0:
+        p.error(f"--mix must be in [0, 1], got {args.mix}")
     if args.batch < 1 or args.single < 1 or not 1 <= args.single <= args.batch:
         p.error("--batch and --single must be >= 1, and --single at most --batch")
     device = torch.device(args.device) if args.device else default_device()
     dtype = getattr(torch, args.dtype)
     args.repeats = args.repeats or (20 if device.type == "cuda" else 7)
     rep = {"environment": environment(device), "dtype": args.dtype, "batch": args.batch, "single": args.single,
-           "repeats": args.repeats, "checkpoints": {k: os.path.relpath(getattr(args, k)) for k in DEFAULTS}}
-    rep.update(run(args, device, dtype))
+           "repeats": args.repeats}
+    if args.model:
+        rep.update(model=args.model, model_kwargs=args.model_kwargs, mix=args.mix)
+        rep.update(synthetic(args, device, dtype))
+    else:
+        rep["checkpoints"] = {k: os.path.relpath(getattr(args, k)) for k in DEFAULTS}
+        rep.update(run(args, device, dtype))
     print(table(rep))
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "routing-bench.json")

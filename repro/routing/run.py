@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import sys
+from typing import Optional
 
 import torch
 
@@ -286,17 +287,44 @@ def series(out: dict) -> list:
     s = [{"name": NAMES[int(g)] + ", alone", "points": [p]} for g, p in out["models"].items()]
     s.append({"name": "P7/P14 oracle (reads the labels)", "points": [out["oracle"]]})
     for metric, pts in out["sweeps"].items():
-        s.append({"name": f"P7/P14 sweep on P7's {METRIC_NAMES[metric]} (reads the labels)", "points": pts})
+        s.append({"name": f"P7/P14 sweep on P7's {METRIC_NAMES[metric]} (reads the labels)", "points": pts,
+                  "marker": ""})
     if "router_sweep" in out:
         s.append({"name": "routed P7/P14 + router (thresholds)", "points": out["router_sweep"]["val"]})
     if "cascade" in out:
         s.append({"name": "cascade 7/10/14, early exit (budgets)",
-                  "points": [{**q["live"], "label": q["label"]} for q in out["cascade"]]})
+                  "points": [q["live"] for q in out["cascade"]]})
         s.append({"name": "cascade 7/10/14, one threshold on both exits", "points": out["cascade_sweep"]})
     return s
 
 
-def report(cfg: dict, out: dict, results: str, seed: int) -> None:
+def at_gmacs(points: list, gmacs: float) -> float:
+    """Top-1 of a curve at ``gmacs``, linearly interpolated between its two
+    nearest points (None outside its range)."""
+    pts = sorted(points, key=lambda q: q["gmacs"])
+    for a, b in zip(pts, pts[1:]):
+        if a["gmacs"] <= gmacs <= b["gmacs"]:
+            w = 0.0 if b["gmacs"] == a["gmacs"] else (gmacs - a["gmacs"]) / (b["gmacs"] - a["gmacs"])
+            return a["top1"] + w * (b["top1"] - a["top1"])
+    return None
+
+
+def recovery(out: dict) -> dict:
+    """At the oracle's GMACs: the top-1 of a random partition (a rule that
+    knows nothing), of the router, and of the oracle; the router's share of
+    the oracle's gain over the random partition."""
+    g = out["oracle"]["gmacs"]
+    rand = at_gmacs(out["random_line"], g)
+    got = {"gmacs": g, "random": rand, "oracle": out["oracle"]["top1"],
+           "best_sweep": max(max(q["top1"] for q in pts) for pts in out["sweeps"].values())}
+    if "router_sweep" in out:
+        got["router"] = at_gmacs(out["router_sweep"]["val"], g)
+        got["router_best"] = max(q["top1"] for q in out["router_sweep"]["val"])
+        got["recovered"] = (got["router"] - rand) / (got["oracle"] - rand)
+    return got
+
+
+def report(cfg: dict, out: dict, results: str, seed: int, evaluated_at: Optional[str] = None) -> None:
     with open(os.path.join(DEIT, "results", "results.json")) as f:
         deit = json.load(f)["per_seed"][str(seed)]
     extra = [{"name": "EViT fine-tuned, keep 0.5-1.0", "points": deit["evit_ft_sweep"]}]
@@ -326,6 +354,12 @@ def report(cfg: dict, out: dict, results: str, seed: int) -> None:
         lines.append(f"| cascade 7/10/14, budget {q['budget']:g} (thresholds from the other half of val) | "
                      f"{lv['top1']:.2f} | {lv['gmacs']:.4f} | {lv['images_per_s']:.0f} |")
     text = "\n".join(lines) + "\n"
+    out["recovery"] = rec = recovery(out)
+    text += (f"\nAt the oracle's {rec['gmacs']:.4f} GMACs: a random partition gives {rec['random']:.2f} %, the "
+             + (f"router {rec['router']:.2f} %, " if "router" in rec else "")
+             + f"the oracle {rec['oracle']:.2f} %"
+             + (f"; the router recovers {100 * rec['recovered']:.0f} % of the oracle's gain over the random "
+                f"partition" if "router" in rec else "") + ".\n")
     if "router_sweep" in out:
         r = out["router"]
         text += (f"\nRouter: {r['model']} {r['model_kwargs']}, {r['macs'] / 1e6:.2f} MMACs "
@@ -344,7 +378,7 @@ def report(cfg: dict, out: dict, results: str, seed: int) -> None:
         for q in out["cascade"]:
             text += (f"| {q['budget']:g} | " + " | ".join(f"{r:.1f}" for r in q["reach"]) +
                      f" | {q['top1']:.2f} | {q['live']['top1']:.2f} |\n")
-    meta = {"commit": commit(), "torch": torch.__version__, "adaptok": adaptok.__version__,
+    meta = {"commit": evaluated_at or commit(), "torch": torch.__version__, "adaptok": adaptok.__version__,
             "machine": f"{platform.machine()}, {os.cpu_count()} cores", "seed": seed, "config": cfg}
     if "cascade_sweep" in out:
         text += ("\nCascade with one threshold on both exits (every value, no choice; from the saved logits):\n\n"
@@ -368,9 +402,16 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoints", default=os.path.join(HERE, "checkpoints"))
     p.add_argument("--report", action="store_true", help="only evaluate finished runs and write results")
     p.add_argument("--prepare", action="store_true", help="only train (P10, labels, router)")
+    p.add_argument("--replot", action="store_true", help="only redraw the plot and tables from results.json")
     args = p.parse_args(argv)
     cfg, base = load_config(args.config)
     seed = cfg["seeds"][0]
+    if args.replot:
+        with open(os.path.join(args.results, "results.json")) as f:
+            saved = json.load(f)
+        report(cfg, {k: v for k, v in saved.items() if k not in ("meta", "series")}, args.results, seed,
+               saved["meta"]["commit"])
+        return 0
     os.makedirs(os.path.join(args.results, "logits"), exist_ok=True)
     os.makedirs(args.checkpoints, exist_ok=True)
     paths, labels_path, rfields = prepare(cfg, base, seed, args.runs, args.report)
