@@ -124,8 +124,8 @@ def plot(results: Sequence, path: str, title: str = "Accuracy against compute") 
 
     ``results``: dicts or paths of JSON files as :func:`main` writes them:
     ``{"name": str, "points": [{"gmacs", "top1", ...}], "seeds": optional}``.
-    A point may carry ``top1_std`` (over seeds): drawn as an error bar,
-    and ``label``: written next to it. ``"marker": ""`` draws a dense sweep
+    A point may carry ``top1_std`` (over seeds): drawn as an error bar;
+    a point of a curve may carry ``label``: written next to it. ``"marker": ""`` draws a dense sweep
     as a line only. With many results the legend goes below the axes."""
     import matplotlib
 

@@ -50,7 +50,10 @@ def check_grids(grids: Sequence[int], name: str = "grids") -> tuple:
     ``name``."""
     if isinstance(grids, (str, bytes)) or not isinstance(grids, Sequence) or not grids:
         raise TypeError(f"{name} must be a non-empty sequence of token grid sides, got {grids!r}")
-    sides = host_grid(list(grids), len(grids))
+    try:
+        sides = host_grid(list(grids), len(grids))
+    except (TypeError, ValueError) as e:  # host_grid names "grid": here the argument is ``name``
+        raise type(e)(str(e).replace("grid must", f"{name} must", 1)) from None
     if len(set(sides)) != len(sides):
         raise ValueError(f"{name} must be distinct, got {tuple(grids)}")
     return tuple(sorted(sides))
@@ -76,20 +79,6 @@ def _describe(x) -> str:
     if isinstance(x, Tensor):
         return f"{x.dtype} tensor of shape {tuple(x.shape)}"
     return type(x).__name__
-
-
-def _per_image(name: str, values, n: int, dtype=torch.float64) -> Tensor:
-    """A number or an ``[n]`` tensor as an ``[n]`` tensor of ``dtype``."""
-    if isinstance(values, Tensor):
-        if values.dim() == 0:
-            return values.to(dtype).expand(n)
-        if values.shape != (n,):
-            raise ValueError(f"{name} must be a number or one value per image ({n}), got shape "
-                             f"{tuple(values.shape)}")
-        return values.to(dtype)
-    if isinstance(values, bool) or not isinstance(values, (int, float)) or not math.isfinite(values) or values < 0:
-        raise ValueError(f"{name} must be a finite number >= 0 or a tensor with one per image, got {values!r}")
-    return torch.full((n,), float(values), dtype=dtype)
 
 
 # ----------------------------------------------------------------- metrics
@@ -136,7 +125,9 @@ def thresholds_across(score: Tensor, step: float = 0.01) -> Tensor:
         raise ValueError(f"score must be a non-empty [N] tensor, got {_describe(score)}")
     lo = math.floor(float(score.min()) / step) * step - step
     hi = float(score.max())
-    return torch.arange(int(math.ceil((hi - lo) / step)) + 1, dtype=torch.float64) * step + lo
+    t = torch.arange(int(math.ceil((hi - lo) / step)) + 1, dtype=torch.float64) * step + lo
+    t[-1] = max(float(t[-1]), hi)  # rounding must not leave the last one below the maximum
+    return t
 
 
 def sweep(score: Tensor, correct: Tensor, macs: Tensor, thresholds: Tensor, confident: str = "low") -> list:
@@ -162,7 +153,7 @@ def sweep(score: Tensor, correct: Tensor, macs: Tensor, thresholds: Tensor, conf
     n = _check_models_table(correct, macs, models=2)
     if not isinstance(score, Tensor) or score.shape != (n,):
         raise ValueError(f"score must be an [N] tensor with one value per image ({n}), got {_describe(score)}")
-    t = torch.as_tensor(thresholds, dtype=torch.float64).reshape(-1)
+    t = torch.as_tensor(thresholds, dtype=torch.float64).cpu().reshape(-1)
     s = score.double().cpu().unsqueeze(0)
     cheap = s <= t.unsqueeze(1) if confident == "low" else s >= t.unsqueeze(1)  # [T, N]
     macs = _macs_table(macs, n, 2)
@@ -335,6 +326,12 @@ def stage_fractions(exits: Tensor, stages: int) -> list:
 # -------------------------------------------------------------- the router
 
 
+def _check_threshold(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"threshold must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
 class Router(nn.Module):
     """A small classifier that picks a token grid (or the model that runs
     it) per image. Its classes are ``grids`` in ascending order: class
@@ -378,9 +375,7 @@ class Router(nn.Module):
 
     @threshold.setter
     def threshold(self, value: float) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-            raise ValueError(f"threshold must be a number in [0, 1], got {value!r}")
-        self._threshold = float(value)
+        self._threshold = _check_threshold(value)
 
     @classmethod
     def from_checkpoint(cls, path: str, threshold: float = 0.5) -> "Router":
@@ -410,9 +405,9 @@ class Router(nn.Module):
     def choose(self, probs: Tensor, threshold: Optional[float] = None) -> Tensor:
         """``probs [B, len(grids)]`` -> the class index of each image ``[B]``
         under ``threshold`` (default: the router's)."""
-        t = self.threshold if threshold is None else threshold
-        reached = probs.float().cumsum(-1) >= t - 1e-6  # rounding must not push t = 1 past every class
-        reached[:, -1] = True
+        t = self.threshold if threshold is None else _check_threshold(threshold)
+        reached = probs.float().cumsum(-1) >= t
+        reached[:, -1] = True  # the largest grid when none reaches t (also when rounding keeps the sum below 1)
         return reached.int().argmax(-1)
 
     @torch.no_grad()
@@ -431,7 +426,11 @@ class Router(nn.Module):
             from .data import model_input
 
             if hasattr(self.net, "patch_embed") and hasattr(self.net, "blocks"):
-                cached = vit_macs(self.net)
+                ph, pw = self.net.patch_embed.patch_size
+                if self.img_size % ph or self.img_size % pw or ph != pw:
+                    raise ValueError(f"img_size {self.img_size} is not a whole number of the router's square "
+                                     f"patches ({ph}x{pw})")
+                cached = vit_macs(self.net, self.img_size // ph)
             else:
                 from torch.utils.flop_counter import FlopCounterMode
 

@@ -325,8 +325,16 @@ class AdaptiveViTMixin:
         return is_layout_aware(self.norm) or any(blk.layout_aware for blk in self.blocks)
 
     # Whether the model at its own grid without a keep rate computes what the
-    # timm model computes (a subclass with other tokens or parts says no).
+    # timm model computes. A subclass that overrides how tokens are made or
+    # read (_PARITY_HOOKS) is taken to say no, unless it sets this itself.
     timm_parity = True
+    _PARITY_HOOKS = ("embed", "_patchify", "_prefix_and_pos", "prefix_count", "_forward_tokens", "forward_head",
+                     "forward_features", "_head")
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "timm_parity" not in cls.__dict__ and any(h in cls.__dict__ for h in AdaptiveViTMixin._PARITY_HOOKS):
+            cls.timm_parity = False
 
     def _runs_as_timm(self, x: Tensor, grid) -> bool:
         """Whether this call is timm's forward exactly: every image at the

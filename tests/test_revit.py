@@ -274,6 +274,22 @@ def test_lab_checkpoint_round_trip(tmp_path):
                      num_classes=10, **{**{k: v for k, v in VIT.items() if k != "num_classes"}, "embed_dim": 64})
 
 
+def test_never_runs_timms_own_forward(monkeypatch):
+    """A ReViT at its teacher grid is not timm's model (tables, norms, heads
+    per length): it must stay on the packed path."""
+    m = model(dtype=torch.float32, tal_ln=False).eval()  # no layout-aware norm: only timm_parity keeps it off
+    x, _ = images(2, torch.float32)
+
+    def timm_forward(*args, **kwargs):
+        raise AssertionError("timm's forward taken")
+
+    monkeypatch.setattr(timm.models.vision_transformer.VisionTransformer, "forward", timm_forward)
+    monkeypatch.setattr(timm.models.vision_transformer.VisionTransformer, "forward_features", timm_forward)
+    with torch.no_grad():
+        assert m(x).shape == m(x, grid=14).shape == (2, 5)
+        assert m.forward_features(x).shape[0] == 2
+
+
 def test_compile_fullgraph_at_one_grid():
     m = model(dtype=torch.float32).eval()
     x, _ = images(3, torch.float32)

@@ -74,6 +74,12 @@ def test_sweep_by_hand():
     assert high[0]["top1"] == 100.0 and high[0]["gmacs"] == pytest.approx(2.5)
 
 
+@pytest.mark.parametrize("hi, step", [(2.1, 0.05), (0.9, 0.01), (1.0, 0.1), (0.7, 0.07)])
+def test_thresholds_across_end_at_the_maximum(hi, step):
+    t = routing.thresholds_across(torch.tensor([0.0, hi], dtype=torch.float64), step)
+    assert float(t[-1]) >= hi and float(t[0]) < 0.0
+
+
 def test_thresholds_across_span_the_score():
     score = torch.tensor([0.137, 0.52, 0.9], dtype=torch.float64)
     t = routing.thresholds_across(score, 0.01)
@@ -184,9 +190,13 @@ def test_routed_model_asks_its_router_and_counts_it():
         assert torch.equal(model.route(x), sides)
         assert torch.equal(logits, model(x, route=sides))
     assert spent.tolist() == [(macs(p7, 7) if s == 7 else macs(p14, 14)) + r.macs() for s in sides.tolist()]
-    assert r.macs() == macs(r.net)
+    # by hand: 49 patches of 4x4x1 into 16 channels; one block on 50 tokens (qkv and proj 4 * 16^2, attention
+    # 2 * 50^2 * 16, MLP 2 * 16 * 64); the head 16 * 2
+    assert r.macs() == 49 * 256 + 50 * 4 * 16 * 16 + 2 * 50 * 50 * 16 + 50 * 2 * 16 * 64 + 16 * 2
     r.threshold = 0.0
     assert model.route(x).tolist() == [7] * 9
+    r.threshold = 1.0  # only a router certain that 7x7 suffices picks it: none of these random ones is
+    assert model.route(x).tolist() == [14] * 9
     with torch.no_grad():
         assert model(x[:0]).shape == (0, 5)
 
@@ -308,7 +318,7 @@ CASES = {
     "empty-models": (lambda: RoutedModel({}), ValueError, "models must be a non-empty"),
     "models-not-modules": (lambda: RoutedModel({7: "p7"}), TypeError, r"models\[7\] must be a timm ViT"),
     "models-not-vits": (lambda: RoutedModel({7: nn.Linear(2, 5)}), adaptok.UnsupportedModelError,
-                        "adaptok.patch supports timm VisionTransformer"),
+                        r"models\[7\]: adaptok.patch supports timm VisionTransformer"),
     "route-grid": (lambda: RoutedModel(_ms())(images(2), route=[7, 10]), ValueError,
                    r"route must pick grids from \(7, 14\), got \[10\]"),
     "route-length": (lambda: RoutedModel(_ms())(images(3), route=[7, 14]), ValueError,
@@ -317,6 +327,10 @@ CASES = {
     "no-router": (lambda: RoutedModel(_ms())(images(2)), ValueError, "has no router"),
     "router-grids": (lambda: RoutedModel(_ms(), router((7, 10))), ValueError, r"router picks grids \(7, 10\)"),
     "router-type": (lambda: RoutedModel(_ms(), nn.Linear(2, 2)), TypeError, "router must be an adaptok.routing"),
+    "models-grid-zero": (lambda: RoutedModel({0: vit(1)}), ValueError, "models must hold ints >= 1"),
+    "models-grid-string": (lambda: RoutedModel({"7": vit(1)}), ValueError, "models must hold ints >= 1 .*got '7'"),
+    "route-threshold": (lambda: router().assign(images(2), threshold=5), ValueError,
+                        r"threshold must be a number in \[0, 1\]"),
     "router-outputs": (lambda: Router(timm.create_model("resnet10t", num_classes=3), (7, 14), 28), ValueError,
                        r"net must have one output per grid \(2\), it has 3"),
     "images-3d": (lambda: RoutedModel(_ms())(torch.zeros(1, 28, 28), route=7), ValueError,

@@ -182,9 +182,11 @@ def test_parity_under_autocast(device):
     x = images(model, 2, device)
     with torch.autocast(device, dtype=torch.bfloat16):
         expected, actual = model(x), patched(x)
+        packed = patched(x, grid=[14, 14])  # the packed path at the model's own grid
         patched.keep_rate = 0.7
         pruned = patched(x, grid=[7, 14])
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(packed, expected, rtol=0, atol=1e-5)
     assert pruned.shape == (2, 1000) and pruned.isfinite().all()
 
 
@@ -201,6 +203,10 @@ def test_parity_in_training_with_dropout(name):
     torch.manual_seed(3)
     actual = patched(x)
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
+    g = patched.patch_embed.grid_size[0]
+    torch.manual_seed(3)
+    packed = patched(x, grid=[g, g])  # the packed path at the model's own grid draws alike too
+    torch.testing.assert_close(packed, expected, rtol=0, atol=1e-5)
 
 
 def test_state_dict_keys_unchanged_and_loadable():
@@ -220,6 +226,8 @@ def test_forward_features_and_intermediates_match_timm():
     model, patched = pair("deit3_small_patch16_224", "cpu")
     x = images(model, 2, "cpu")
     torch.testing.assert_close(patched.forward_features(x), model.forward_features(x), rtol=0, atol=1e-5)
+    torch.testing.assert_close(patched.forward_features(x, grid=[14, 14]), model.forward_features(x), rtol=0,
+                               atol=1e-5)
     expected = model.forward_intermediates(x, indices=2)
     actual = patched.forward_intermediates(x, indices=2)
     torch.testing.assert_close(actual[0], expected[0], rtol=0, atol=1e-5)
@@ -521,3 +529,16 @@ def test_grid_validation(grid, error, match):
     model = adaptok.patch(create("deit_tiny_patch16_224")).eval()
     with pytest.raises(error, match=match):
         model(images(model, 3, "cpu"), grid=grid)
+
+
+def test_a_subclass_that_makes_tokens_its_own_way_leaves_timms_code():
+    from adaptok.timm_vit import AdaptiveVisionTransformer
+
+    class OwnTokens(AdaptiveVisionTransformer):
+        def _patchify(self, images, grid=None):
+            return super()._patchify(images, grid)
+
+    class SaysSo(OwnTokens):
+        timm_parity = True
+
+    assert AdaptiveVisionTransformer.timm_parity and not OwnTokens.timm_parity and SaysSo.timm_parity

@@ -14,9 +14,10 @@ it is not yet) called as ``model(images, grid=grid)``, so one model trained
 at 7x7 tokens and another at 14x14 can be two grids of one architecture or
 two different ViTs. Both report the MACs each image spent, as executed
 (router included), through ``forward_with_macs`` for
-:func:`adaptok.evaluate.evaluate`. A batch costs one host sync per model
-(routed) or stage (cascade) for the size of its group; empty groups are
-skipped.
+:func:`adaptok.evaluate.evaluate`. Host syncs: the routed model takes one
+per batch (the route, which sets every group's size; empty groups are
+skipped), the cascade one per stage but the last (how many images leave
+there) and one for the exit stages it returns.
 
 Example::
 
@@ -36,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from ..cost import macs
+from ..errors import UnsupportedModelError
 from ..layout import host_grid
 from ..routing import Router, check_grids
 
@@ -55,7 +57,10 @@ def _stages(models: Mapping[int, nn.Module]) -> tuple:
         if not isinstance(m, nn.Module):
             raise TypeError(f"models[{g}] must be a timm ViT, got {type(m).__name__}")
         if not isinstance(m, AdaptiveViTMixin):
-            patch(m)
+            try:
+                patch(m)
+            except UnsupportedModelError as e:
+                raise UnsupportedModelError(f"models[{g}]: {e}") from None
         classes[g] = getattr(m, "num_classes", None)
         out[str(g)] = m
     if len(set(classes.values())) != 1:
@@ -64,14 +69,16 @@ def _stages(models: Mapping[int, nn.Module]) -> tuple:
 
 
 class _PerGridCost:
-    """Per-image MACs of each model at its grid, counted once (keep rates
-    included as set at the first count)."""
+    """Per-image MACs of each model at its grid, counted once per keep-rate
+    setting of that model."""
 
     def grid_macs(self, g: int) -> int:
+        m = self.models[str(g)]
+        key = (g, getattr(m, "keep_rate", None), getattr(m, "prune_layers", None))
         cache = self.__dict__.setdefault("_adaptok_macs", {})
-        if g not in cache:
-            cache[g] = macs(self.models[str(g)], g)
-        return cache[g]
+        if key not in cache:
+            cache[key] = macs(m, g)
+        return cache[key]
 
 
 class RoutedModel(nn.Module, _PerGridCost):
@@ -136,11 +143,11 @@ class RoutedModel(nn.Module, _PerGridCost):
             idx = (sides == g).nonzero().squeeze(1)
             if idx.numel() == 0:
                 continue
-            idx = idx.to(images.device)
+            idx = idx.to(images.device, non_blocking=True)
             logits = self.models[str(g)](images.index_select(0, idx), grid=g)
             if out is None:
                 out = logits.new_empty(images.shape[0], logits.shape[1])
-            out.index_copy_(0, idx, logits)
+            out.index_copy_(0, idx, logits.to(out.dtype))
         if out is None:  # an empty batch: what the models return for one
             out = self.models[str(self.grids[0])](images, grid=self.grids[0])
         return out, sides
@@ -209,25 +216,28 @@ class Cascade(nn.Module, _PerGridCost):
             raise ValueError(f"images must be a [B, C, H, W] tensor, got "
                              f"{tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__}")
         b = images.shape[0]
-        exits = torch.full((b,), len(self.grids) - 1, dtype=torch.int64)
+        exits = torch.full((b,), len(self.grids) - 1, dtype=torch.int64, device=images.device)
         left = torch.arange(b, device=images.device)
         out = None
         for s, g in enumerate(self.grids):
             logits = self.models[str(g)](images if s == 0 else images.index_select(0, left), grid=g)
             if out is None:
                 out = logits.new_empty(b, logits.shape[1])
+            logits = logits.to(out.dtype)
             if s == len(self.grids) - 1:
                 out.index_copy_(0, left, logits)
                 break
             probs = logits.softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32))
             leave = probs.amax(-1) >= self._thresholds[s]
-            gone = left[leave]
-            out.index_copy_(0, gone, logits[leave])
-            exits[gone.cpu()] = s
-            left = left[~leave]
-            if left.numel() == 0:  # the one host sync of the stage
+            k = int(leave.sum())  # the stage's one host sync: how many images leave
+            order = torch.argsort((~leave).to(torch.int8), stable=True)  # those that leave first, in order
+            gone, kept = order[:k], order[k:]
+            out.index_copy_(0, left.index_select(0, gone), logits.index_select(0, gone))
+            exits.index_fill_(0, left.index_select(0, gone), s)
+            left = left.index_select(0, kept)
+            if k == len(order):
                 break
-        return out, exits
+        return out, exits.cpu()
 
     @torch.no_grad()
     def forward_with_macs(self, images: Tensor, grid=None) -> tuple[Tensor, Tensor]:

@@ -354,6 +354,8 @@ def report(cfg: dict, out: dict, results: str, seed: int, evaluated_at: Optional
         lines.append(f"| cascade 7/10/14, budget {q['budget']:g} (thresholds from the other half of val) | "
                      f"{lv['top1']:.2f} | {lv['gmacs']:.4f} | {lv['images_per_s']:.0f} |")
     text = "\n".join(lines) + "\n"
+    text += ("\nThe images/s column is each evaluation's own timing, one after another on a shared CPU: for "
+             "orientation only. The interleaved, comparable speeds are in bench/results/routing-bench-cpu.md.\n")
     out["recovery"] = rec = recovery(out)
     text += (f"\nAt the oracle's {rec['gmacs']:.4f} GMACs: a random partition gives {rec['random']:.2f} %, the "
              + (f"router {rec['router']:.2f} %, " if "router" in rec else "")
