@@ -23,7 +23,7 @@ reported. Writes ``routing-bench.json`` to ``--out``.
 
 ``--model deit_small_patch16_224`` (any timm ViT) runs the same machinery
 at the paper's scale on random weights: P7 and P14 are two models of that
-architecture (P7 run at 7x7 tokens), the router is a 2-block ViT of width
+architecture (P7 run at 7x7 tokens), the router is a 1-block ViT of width
 32 on 7x7 patches, and the route is ``--mix`` (the share sent to P7) while
 the router still runs on every image and its cost counts. With random
 weights there is no accuracy to match, so the cascade (P7 then P14) is
@@ -217,7 +217,7 @@ def synthetic(args, device, dtype) -> dict:
     side = int(timm14.patch_embed.img_size[0])
     chans = int(timm14.patch_embed.proj.in_channels)
     net = timm.create_model("vit_tiny_patch16_224", img_size=side, patch_size=side // 7, in_chans=chans,
-                            embed_dim=32, depth=2, num_heads=1, num_classes=2)
+                            embed_dim=32, depth=1, num_heads=1, num_classes=2)
     router = Router(net.eval().to(device, dtype), (7, 14), side)
     routed = RoutedModel({7: p7, 14: p14}, router)
     g = torch.Generator().manual_seed(1)
