@@ -140,6 +140,9 @@ def plot(results: Sequence, path: str, title: str = "Accuracy against compute") 
         loaded.append(r)
     below = len(loaded) > 6
     fig, ax = plt.subplots(figsize=(6.4, 4.6 + (0.22 * len(loaded) if below else 0)))
+    if len(loaded) > 10:  # the default cycle repeats after 10 colors
+        ax.set_prop_cycle(color=[plt.get_cmap("tab20")(i) for i in range(0, 20, 2)] +
+                          [plt.get_cmap("tab20")(i) for i in range(1, 20, 2)])
     for r in loaded:
         pts = sorted(r["points"], key=lambda p: p["gmacs"])
         x = [p["gmacs"] for p in pts]
