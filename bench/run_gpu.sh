@@ -5,7 +5,8 @@
 # ADAPTOK_CUDA_ARCHS says otherwise). Writes into OUT_DIR: info.txt, tests.txt,
 # tests.xml, gpu_validated.json (bench/gpu_validation.py),
 # bench.json (pytest-benchmark), report.md (bench/report.py: times against the
-# floors), adaptok-bench.json and adaptok-bench.png (adaptok-bench). Extra arguments go to the benchmark
+# floors), adaptok-bench.json and adaptok-bench.png (adaptok-bench), and the ReViT and routing
+# benchmarks (revit-bench.*, routing-*). Extra arguments go to the benchmark
 # run (e.g. -k "256img-H6-50_50").
 set -uo pipefail
 out=${1:?usage: bench/run_gpu.sh OUT_DIR}
@@ -24,4 +25,10 @@ python -m pytest bench -q -rs --benchmark-max-time=0.25 --benchmark-json "$out/b
 tail -20 "$out/bench.txt"
 python bench/report.py "$out/bench.json" | tee "$out/report.md"
 adaptok-bench --out "$out"
+# The model families end to end (the lab-model routing run needs animal-mnist; DeiT-S needs nothing).
+python -m adaptok.bench.revit --out "$out" >"$out/revit-bench.txt" 2>&1 || echo "revit bench failed (see revit-bench.txt)"
+python -m adaptok.bench.routing --model deit_small_patch16_224 --out "$out/routing-deit_s" >"$out/routing-bench-deit_s.txt" 2>&1 \
+  || echo "routing bench (DeiT-S) failed (see routing-bench-deit_s.txt)"
+python -m adaptok.bench.routing --out "$out/routing-lab" >"$out/routing-bench-lab.txt" 2>&1 \
+  || echo "routing bench (lab models) failed (see routing-bench-lab.txt)"
 exit "$tests_rc"
