@@ -150,7 +150,7 @@ def sweep(score: Tensor, correct: Tensor, macs: Tensor, thresholds: Tensor, conf
     """
     if confident not in ("low", "high"):
         raise ValueError(f"confident must be 'low' or 'high', got {confident!r}")
-    n = _check_models_table(correct, macs, models=2)
+    n = _check_models_table(correct, models=2)
     if not isinstance(score, Tensor) or score.shape != (n,):
         raise ValueError(f"score must be an [N] tensor with one value per image ({n}), got {_describe(score)}")
     t = torch.as_tensor(thresholds, dtype=torch.float64).cpu().reshape(-1)
@@ -163,7 +163,7 @@ def sweep(score: Tensor, correct: Tensor, macs: Tensor, thresholds: Tensor, conf
              "cheap_share": 100.0 * float(cheap[i].double().mean())} for i in range(t.numel())]
 
 
-def _check_models_table(correct: Tensor, macs, models: Optional[int] = None) -> int:
+def _check_models_table(correct: Tensor, models: Optional[int] = None) -> int:
     if not isinstance(correct, Tensor) or correct.dim() != 2 or correct.dtype != torch.bool:
         raise ValueError(f"correct must be a bool [N, models] tensor, got {_describe(correct)}")
     if models is not None and correct.shape[1] != models:
@@ -192,7 +192,7 @@ def cheapest_correct(correct: Tensor) -> Tensor:
     """``correct [N, M]`` bool, its columns ordered from the cheapest model
     -> ``[N]`` int64: the first column that is correct, the last (the
     costliest model) when none is."""
-    _check_models_table(correct, None)
+    _check_models_table(correct)
     m = correct.shape[1]
     first = correct.int().argmax(1)
     return torch.where(correct.any(1), first, torch.full_like(first, m - 1)).long()
@@ -242,7 +242,7 @@ def cascade_outcome(conf: Tensor, correct: Tensor, stage_macs, thresholds: Tenso
     Returns:
         ``(right [C, N] bool, macs [C, N] float64, exit [C, N] int64)``.
     """
-    n = _check_models_table(correct, None)
+    n = _check_models_table(correct)
     s = correct.shape[1]
     if not isinstance(conf, Tensor) or conf.shape != (n, s):
         raise ValueError(f"conf must be [N, stages] ({n}, {s}) like correct, got {_describe(conf)}")
@@ -260,30 +260,37 @@ def cascade_outcome(conf: Tensor, correct: Tensor, stage_macs, thresholds: Tenso
     return right, spent, exit_.long()
 
 
-def cascade_thresholds(conf: Tensor, correct: Tensor, stage_macs, budget: float, candidates: int = 51,
-                       chunk: int = 2048) -> dict:
-    """DVT's rule: the exit thresholds that give the best top-1 on these
-    (held-out) images with mean GMACs per image at most ``budget``.
+def cascade_thresholds(conf: Tensor, correct: Tensor, stage_macs, budget: Optional[float] = None, *,
+                       min_top1: Optional[float] = None, candidates: int = 51, chunk: int = 2048) -> dict:
+    """The exit thresholds of a cascade, chosen on these (held-out) images.
 
-    Every combination of ``candidates`` values per exit is scored: the
-    quantiles of that stage's confidences, 0 (every image leaves) and
-    :data:`NEVER` (none does). Ties go to the cheaper setting.
+    With ``budget`` (GMACs per image), DVT's rule: the best top-1 with mean
+    GMACs at most the budget (ties: the cheaper). With ``min_top1`` (%):
+    the cheapest setting whose top-1 reaches it (ties: the more accurate),
+    e.g. a cascade at another model's accuracy. Every combination of
+    ``candidates`` values per exit is scored: the quantiles of that stage's
+    confidences, 0 (every image leaves) and :data:`NEVER` (none does).
 
     Args:
         conf, correct, stage_macs: as :func:`cascade_outcome` takes them.
-        budget: GMACs per image.
 
     Returns:
-        ``{"thresholds": [S - 1] floats, "top1", "gmacs", "within_budget"}``;
-        with no setting within the budget, the cheapest one (every image
-        leaves at stage 0) and ``"within_budget": False``.
+        ``{"thresholds": [S - 1] floats, "top1", "gmacs", "met"}``. When no
+        setting meets the goal (``"met": False``): for a budget, the
+        cheapest setting; for an accuracy, the most accurate.
     """
-    n = _check_models_table(correct, None)
+    n = _check_models_table(correct)
     s = correct.shape[1]
     if s < 2:
         raise ValueError("a cascade needs at least 2 stages (correct has 1 column)")
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
-        raise ValueError(f"budget must be a number of GMACs per image > 0, got {budget!r}")
+    if (budget is None) == (min_top1 is None):
+        raise ValueError("give exactly one of budget (GMACs per image) and min_top1 (%)")
+    goal = budget if budget is not None else min_top1
+    if isinstance(goal, bool) or not isinstance(goal, (int, float)) or not (goal > 0 if budget is not None
+                                                                             else 0 <= goal <= 100):
+        name = "budget must be a number of GMACs per image > 0" if budget is not None else \
+            "min_top1 must be a number in [0, 100]"
+        raise ValueError(f"{name}, got {goal!r}")
     if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 2:
         raise ValueError(f"candidates must be an int >= 2, got {candidates!r}")
     if not isinstance(conf, Tensor) or conf.shape != (n, s):
@@ -293,27 +300,24 @@ def cascade_thresholds(conf: Tensor, correct: Tensor, stage_macs, budget: float,
     ends = torch.tensor([0.0, NEVER], dtype=torch.float64)
     values = [torch.unique(torch.cat([torch.quantile(c[:, k], q), ends])) for k in range(s - 1)]
     grid = torch.cartesian_prod(*values) if s > 2 else values[0].unsqueeze(1)
-    best = None  # (top-1, -gmacs, thresholds)
+    acc, g = [], []
     for start in range(0, grid.shape[0], chunk):
-        t = grid[start:start + chunk]
-        right, spent, _ = cascade_outcome(conf, correct, stage_macs, t)
-        acc = right.double().mean(1)
-        g = spent.mean(1) / 1e9
+        right, spent, _ = cascade_outcome(conf, correct, stage_macs, grid[start:start + chunk])
+        acc.append(100.0 * right.double().mean(1))
+        g.append(spent.mean(1) / 1e9)
+    acc, g = torch.cat(acc), torch.cat(g)
+    if budget is not None:
         ok = g <= budget * (1 + 1e-12)
-        if not bool(ok.any()):
-            continue
-        key = torch.where(ok, acc, torch.full_like(acc, -1.0))
-        tied = ok & (key == key.max())
-        i = int(torch.where(tied, g, torch.full_like(g, math.inf)).argmin())
-        cand = (float(acc[i]), -float(g[i]), t[i].tolist())
-        if best is None or cand[:2] > best[:2]:
-            best = cand
-    if best is None:
-        t = [0.0] * (s - 1)
-        right, spent, _ = cascade_outcome(conf, correct, stage_macs, torch.tensor(t, dtype=torch.float64))
-        return {"thresholds": t, "top1": 100.0 * float(right.double().mean()), "gmacs": float(spent.mean()) / 1e9,
-                "within_budget": False}
-    return {"thresholds": best[2], "top1": 100.0 * best[0], "gmacs": -best[1], "within_budget": True}
+        first, second = (-acc, g) if bool(ok.any()) else (g, -acc)  # best top-1, then cheaper; else cheapest
+    else:
+        ok = acc >= min_top1 - 1e-9
+        first, second = (g, -acc) if bool(ok.any()) else (-acc, g)  # cheapest, then more accurate; else best
+    pool = ok if bool(ok.any()) else torch.ones_like(ok)
+    inf = torch.full_like(first, math.inf)
+    first = torch.where(pool, first, inf)
+    second = torch.where(pool & (first == first.min()), second, inf)
+    i = int(second.argmin())
+    return {"thresholds": grid[i].tolist(), "top1": float(acc[i]), "gmacs": float(g[i]), "met": bool(ok.any())}
 
 
 def stage_fractions(exits: Tensor, stages: int) -> list:
@@ -361,6 +365,8 @@ class Router(nn.Module):
         super().__init__()
         self.net = net
         self.grids = check_grids(grids)
+        # the grid of each class, moved with the module (no host-to-device copy per call)
+        self.register_buffer("grid_sides", torch.tensor(self.grids, dtype=torch.int64), persistent=False)
         outputs = getattr(net, "num_classes", None)
         if outputs is not None and outputs != len(self.grids):
             raise ValueError(f"net must have one output per grid ({len(self.grids)}), it has {outputs}")
@@ -414,7 +420,7 @@ class Router(nn.Module):
     def assign(self, images: Tensor, threshold: Optional[float] = None) -> Tensor:
         """The grid side of every image, ``[B]`` int64 on the images' device."""
         probs = self(images).float().softmax(-1)
-        return torch.tensor(self.grids, device=images.device)[self.choose(probs, threshold)]
+        return self.grid_sides[self.choose(probs, threshold)]
 
     def macs(self) -> int:
         """The multiply-accumulates of one image: :func:`adaptok.cost.macs`

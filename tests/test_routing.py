@@ -140,7 +140,7 @@ def test_cascade_thresholds_are_the_best_setting_within_the_budget():
     stage_macs = torch.tensor([1e9, 2e9, 4e9], dtype=torch.float64)
     budget = 3.0
     pick = routing.cascade_thresholds(conf, correct, stage_macs, budget, candidates=11)
-    assert pick["within_budget"] and pick["gmacs"] <= budget
+    assert pick["met"] and pick["gmacs"] <= budget
     # every combination of the same candidate values, scored one by one
     q = torch.linspace(0, 1, 11, dtype=torch.float64)
     values = [sorted(set(torch.quantile(conf[:, k], q).tolist()) | {0.0, routing.NEVER}) for k in range(2)]
@@ -154,7 +154,18 @@ def test_cascade_thresholds_are_the_best_setting_within_the_budget():
     r, m, _ = _cascade_by_loop(conf, correct, stage_macs, pick["thresholds"])
     assert 100.0 * sum(r) / len(r) == pytest.approx(pick["top1"])
     none = routing.cascade_thresholds(conf, correct, stage_macs, 0.5)  # below stage 1's own cost
-    assert not none["within_budget"] and none["thresholds"] == [0.0, 0.0]
+    assert not none["met"] and none["thresholds"] == [0.0, 0.0]
+    # the other goal: the cheapest setting that reaches an accuracy, against the same brute force
+    scored = []
+    for t in itertools.product(*values):
+        r, m, _ = _cascade_by_loop(conf, correct, stage_macs, t)
+        scored.append((100.0 * sum(r) / len(r), sum(m) / len(m) / 1e9))
+    target = sorted(a for a, _ in scored)[len(scored) // 2]
+    cheapest = min((c, -a) for a, c in scored if a >= target)
+    got = routing.cascade_thresholds(conf, correct, stage_macs, min_top1=target, candidates=11)
+    assert got["met"] and (got["gmacs"], -got["top1"]) == pytest.approx(cheapest)
+    best = max(a for a, _ in scored)
+    assert not routing.cascade_thresholds(conf, correct, stage_macs, min_top1=best + 1, candidates=11)["met"]
 
 
 # ----------------------------------------------------------- routed model
@@ -311,6 +322,12 @@ CASES = {
                                                            [1, 2, 3], [0.5, 0.5]), ValueError, "conf must be"),
     "budget": (lambda: routing.cascade_thresholds(torch.zeros(3, 2), torch.ones(3, 2, dtype=torch.bool), [1, 2], 0),
                ValueError, "budget must be"),
+    "cascade-goal-both": (lambda: routing.cascade_thresholds(torch.zeros(3, 2), torch.ones(3, 2, dtype=torch.bool),
+                                                             [1, 2], 0.1, min_top1=50), ValueError,
+                          "exactly one of budget"),
+    "cascade-min-top1": (lambda: routing.cascade_thresholds(torch.zeros(3, 2), torch.ones(3, 2, dtype=torch.bool),
+                                                            [1, 2], min_top1=150), ValueError,
+                         r"min_top1 must be a number in \[0, 100\]"),
     "class-counts": (lambda: RoutedModel({7: vit(1), 14: vit(2, num_classes=3)}), ValueError,
                      "models must all have the same number of classes"),
     "cascade-class-counts": (lambda: Cascade({7: vit(1), 14: vit(2, num_classes=3)}, [0.5]), ValueError,

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -47,7 +46,7 @@ import torch
 
 import adaptok
 from adaptok.bench import baselines
-from adaptok.bench.timing import environment, steady_allocator, summarize, synchronize, time_once
+from adaptok.bench.timing import environment, steady_allocator, summarize, synchronize, time_once, write_report
 from adaptok.cost import macs
 from adaptok.devices import cpu_has_bf16, default_device
 from adaptok.layout import mixed_grids
@@ -384,10 +383,7 @@ def main(argv: Optional[list] = None) -> None:
     samples = measure(variants, device, args.repeats, args.warmup, progress=progress)
     rep = report(args, device, dtype, variants, samples, peak)
     print(table(rep))
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "adaptok-bench.json")
-    with open(path, "w") as f:
-        json.dump(rep, f, indent=1)
+    path = write_report(rep, args.out, "adaptok-bench.json")
     plot(rep, os.path.join(args.out, "adaptok-bench.png"))
     print(f"wrote {path} and adaptok-bench.png")
 

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
 import sys
 from typing import Optional
 
@@ -37,7 +35,7 @@ import torch
 
 from adaptok.bench import baselines
 from adaptok.bench.e2e import Variant, measure, paired, target_lines
-from adaptok.bench.timing import environment, summarize, synchronize, time_once
+from adaptok.bench.timing import environment, summarize, synchronize, time_once, write_report
 from adaptok.cost import macs
 from adaptok.devices import cpu_has_bf16, default_device
 
@@ -267,11 +265,7 @@ def main(argv: Optional[list] = None) -> None:
     rep["inference"] = inference(args, device, dtype, base, model, assigner)
     rep["training"] = training(args, device, dtype, model)
     print(table(rep))
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "revit-bench.json")
-    with open(path, "w") as f:
-        json.dump(rep, f, indent=1)
-    print(f"wrote {path}")
+    print(f"wrote {write_report(rep, args.out, 'revit-bench.json')}")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -45,7 +44,7 @@ from typing import Optional
 import torch
 
 from adaptok.bench.e2e import Variant, measure, paired, target_lines
-from adaptok.bench.timing import environment, summarize
+from adaptok.bench.timing import environment, summarize, write_report
 from adaptok.devices import default_device
 
 _REPRO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "repro")
@@ -93,21 +92,13 @@ def bench_images(args, device, dtype) -> tuple:
 
 
 def matched_cascade(stage_logits: dict, labels, grids, stage_macs, top1: float) -> dict:
-    """The cheapest thresholds (a 0.05 grid per exit, plus never) whose
-    top-1 reaches ``top1``; else the most accurate setting."""
+    """The cheapest cascade thresholds whose top-1 on these images reaches
+    ``top1`` (else the most accurate setting)."""
     from adaptok import routing
 
     conf = torch.stack([stage_logits[g].double().softmax(-1).amax(-1) for g in grids], 1).cpu()
     correct = torch.stack([stage_logits[g].argmax(-1) == labels for g in grids], 1).cpu()
-    values = [i / 20 for i in range(21)] + [routing.NEVER]
-    t = torch.cartesian_prod(*[torch.tensor(values, dtype=torch.float64)] * (len(grids) - 1))
-    t = t.view(-1, len(grids) - 1)
-    right, spent, _ = routing.cascade_outcome(conf, correct, torch.tensor(stage_macs, dtype=torch.float64), t)
-    acc = 100.0 * right.double().mean(1)
-    g = spent.mean(1)
-    ok = acc >= top1 - 1e-9
-    i = int(torch.where(ok, g, torch.full_like(g, float("inf"))).argmin()) if bool(ok.any()) else int(acc.argmax())
-    return {"thresholds": t[i].tolist(), "top1": float(acc[i]), "gmacs": float(g[i]) / 1e9, "reached": bool(ok.any())}
+    return routing.cascade_thresholds(conf, correct, torch.tensor(stage_macs, dtype=torch.float64), min_top1=top1)
 
 
 def run(args, device, dtype) -> dict:
@@ -345,11 +336,7 @@ def main(argv: Optional[list] = None) -> None:
         rep["checkpoints"] = {k: os.path.relpath(getattr(args, k)) for k in DEFAULTS}
         rep.update(run(args, device, dtype))
     print(table(rep))
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "routing-bench.json")
-    with open(path, "w") as f:
-        json.dump(rep, f, indent=1)
-    print(f"wrote {path}")
+    print(f"wrote {write_report(rep, args.out, 'routing-bench.json')}")
 
 
 if __name__ == "__main__":

@@ -130,3 +130,15 @@ def attention_work(lengths, heads: int, head_dim: int, element_size: int, *, bac
         flops = flops * 7 // 2
         nbytes += 8 * total * heads * head_dim * element_size + 2 * stats
     return {"flops": flops, "bytes": nbytes}
+
+
+def write_report(rep: dict, out: str, name: str) -> str:
+    """Write a benchmark's report ``rep`` as JSON to ``out/name``; returns
+    the path."""
+    import json
+
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, name)
+    with open(path, "w") as f:
+        json.dump(rep, f, indent=1)
+    return path
