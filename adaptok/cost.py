@@ -18,19 +18,27 @@ def macs(model: nn.Module, grid: Optional[int] = None) -> int:
     linear layers outside the blocks once (the head; without what the model
     says does not run at that grid, ``idle_modules``)."""
     gh, gw = (grid, grid) if grid is not None else model.patch_embed.grid_size
-    n = model.num_prefix_tokens
-    N = (model.prefix_count(gh) if hasattr(model, "prefix_count") else n) + gh * gw
-    total = gh * gw * model.patch_embed.proj.weight.numel()
+    N = (model.prefix_count(gh) if hasattr(model, "prefix_count") else model.num_prefix_tokens) + gh * gw
+    total = gh * gw * model.patch_embed.proj.weight.numel() + blocks_macs(model, N)
+    idle = model.idle_modules(gh) if hasattr(model, "idle_modules") else ()
+    inside = linear(model.blocks) + linear(model.patch_embed) + sum(linear(m) for m in idle if m is not None)
+    return total + linear(model) - inside
 
-    def linear(module):
-        return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
 
+def linear(module: nn.Module) -> int:
+    """Multiply-accumulates of one token through every ``nn.Linear`` of
+    ``module``."""
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def blocks_macs(model: nn.Module, tokens: int) -> int:
+    """Multiply-accumulates of one sequence of ``tokens`` tokens through the
+    blocks of a timm ViT, with the token counts its keep rates leave."""
+    total, N, n = 0, tokens, model.num_prefix_tokens
     for blk in model.blocks:
         total += N * linear(blk.attn) + 2 * N * N * blk.attn.attn_dim
         rate = getattr(blk, "keep_rate", None)
         if rate is not None:
             N = pruned_length(N, rate, n, blk.fuse)
         total += N * linear(blk.mlp)
-    idle = model.idle_modules(gh) if hasattr(model, "idle_modules") else ()
-    inside = linear(model.blocks) + linear(model.patch_embed) + sum(linear(m) for m in idle if m is not None)
-    return total + linear(model) - inside
+    return total

@@ -140,16 +140,18 @@ class AdaptiveBlock(Block):
         """Whether a norm of this block needs the packed layout."""
         return is_layout_aware(self.norm1) or is_layout_aware(self.norm2)
 
-    def _forward_packed(self, x: RaggedBatch) -> RaggedBatch:
+    def _forward_packed(self, x: RaggedBatch, need_cls: bool = False):
+        """The block on packed tokens; with ``need_cls``, also its attention's
+        class attention ``[T]`` over the input tokens: ``(out, cls_attn)``."""
         h = x.values
         prune = self.keep_rate is not None
-        a, cls_attn = self.attn.forward_packed(apply(self.norm1, h, x), x, need_cls=prune)
+        a, cls_attn = self.attn.forward_packed(apply(self.norm1, h, x), x, need_cls=prune or need_cls)
         h = h + per_sequence(self.drop_path1, self.ls1(a), x)
         if prune:
             x = evit_select(x.with_values(h), cls_attn, self.keep_rate, self.num_prefix_tokens, self.fuse)
             h = x.values
         h = h + per_sequence(self.drop_path2, self.ls2(self.mlp(apply(self.norm2, h, x))), x)
-        return x.with_values(h)
+        return (x.with_values(h), cls_attn) if need_cls else x.with_values(h)
 
     def extra_repr(self) -> str:
         return f"keep_rate={self.keep_rate}, fuse={self.fuse}" if self.keep_rate is not None else ""

@@ -162,7 +162,64 @@ class ReViT(Method):
                 "distillation": self.distillation, **self.options}
 
 
-METHODS = {"ce": Method, "evit": EViT, "revit": ReViT}
+class CFViT(Method):
+    """CF-ViT: every image through the coarse and the fine pass, trained
+    with :func:`adaptok.models.cfvit.loss` (``CE(fine) + KL(fine || coarse)``,
+    the fine side detached).
+
+    Args:
+        alpha, beta, start, feature_reuse, selection, resize: the model's
+            options (:func:`adaptok.models.cfvit.convert`; the model is
+            converted at setup, or must be a CF-ViT already).
+        select_from: the epoch from which the informative patches are
+            selected (``alpha``); before it every coarse patch is re-split,
+            CF-ViT's schedule. 0: selection throughout.
+        eta: the exit threshold :meth:`forward` (evaluation) runs with
+            (None: no exit, the fine prediction of every image).
+    """
+
+    name = "cfvit"
+
+    def __init__(self, alpha: float = 0.5, beta: float = 0.99, start: int = 3, feature_reuse: bool = True,
+                 selection: str = "global", resize: str = "antialias", select_from: float = 0.0,
+                 eta: Optional[float] = None):
+        from ..models import cfvit
+
+        super().__init__(None)
+        cfvit.check_options(alpha=alpha, beta=beta, selection=selection, resize=resize)
+        if isinstance(select_from, bool) or not isinstance(select_from, (int, float)) or select_from < 0:
+            raise ValueError(f"select_from must be an epoch >= 0, got {select_from!r}")
+        self.options = dict(alpha=float(alpha), beta=float(beta), start=start, feature_reuse=bool(feature_reuse),
+                            selection=selection, resize=resize)
+        self.select_from, self.eta = float(select_from), cfvit.check_eta(eta)
+
+    def setup(self, model: nn.Module) -> None:
+        from ..models import cfvit
+
+        if not cfvit.is_cfvit(model):
+            cfvit.convert(model, **self.options)
+        else:
+            opts = {k: v for k, v in self.options.items() if k != "feature_reuse"}
+            if (model.reuse is not None) != self.options["feature_reuse"]:
+                raise ValueError(f"feature_reuse={self.options['feature_reuse']} differs from the model's")
+            model.configure(**opts)
+
+    def step(self, model: nn.Module, epoch: float) -> None:
+        model.split_all = epoch < self.select_from
+
+    def forward(self, model, images: Tensor) -> Tensor:
+        return model(images, eta=self.eta)
+
+    def loss(self, model, images: Tensor, targets: Tensor, criterion) -> Tensor:
+        from ..models import cfvit
+
+        return cfvit.loss(model, images, targets, criterion)
+
+    def state(self) -> dict:
+        return {"method": self.name, **self.options, "select_from": self.select_from, "eta": self.eta}
+
+
+METHODS = {"ce": Method, "evit": EViT, "revit": ReViT, "cfvit": CFViT}
 
 
 def create_method(name: str = "ce", **kwargs) -> Method:
