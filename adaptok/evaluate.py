@@ -196,6 +196,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--assigner", help="a ReViT's Token-Length Assigner checkpoint: every image at the grid it picks")
     p.add_argument("--threshold", type=float, nargs="+", help="with --assigner: its thresholds, one point each "
                    "(default 0.5)")
+    p.add_argument("--eta", type=float, nargs="+", help="a CF-ViT's exit thresholds, one point each, run live "
+                   "(default: as trained)")
     p.add_argument("--device", help="cpu or cuda")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast")
     p.add_argument("--name", help="the run's name in the plot")
@@ -249,6 +251,28 @@ def _assigner_points(model, args, loader, dev) -> list:
     return points
 
 
+def _eta_points(model, args, loader, dev) -> list:
+    from .models.cfvit import is_cfvit
+
+    if not is_cfvit(model):
+        raise ValueError("--eta needs a CF-ViT checkpoint (trained with --method cfvit)")
+    if args.grid is not None or args.keep_rate:
+        raise ValueError("--eta: CF-ViT picks its own tokens; it cannot be combined with --grid or --keep-rate")
+    if args.npz and len(args.eta) > 1 and "{eta}" not in args.npz:
+        raise ValueError("--npz needs '{eta}' in its path with several --eta values (one file each)")
+    points = []
+    for eta in args.eta:
+        model.configure(eta=eta)
+        point = evaluate(model, loader, device=str(dev), amp=args.amp,
+                         npz=args.npz.format(eta=eta) if args.npz else None)
+        point.update(eta=eta)
+        if len(args.eta) > 1:
+            point["label"] = f"{eta:g}"
+        points.append(point)
+        print(json.dumps(point), flush=True)
+    return points
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from . import data as lab_data
     from .train.loop import create_model
@@ -278,6 +302,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         grid = args.grid if args.grid is not None else model.adaptok_method.get("grid")  # as trained
         if args.assigner:
             points = _assigner_points(model, args, loader, dev)
+        elif args.eta:
+            points = _eta_points(model, args, loader, dev)
         else:
             points = _keep_rate_points(model, args, loader, dev, grid)
     except (ValueError, TypeError, FileNotFoundError, ModuleNotFoundError) as e:

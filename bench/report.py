@@ -70,6 +70,23 @@ def cls_overhead(groups):
     return lines
 
 
+def floor_ratios(groups):
+    """Each adaptok backend's median over a ``floor`` provider's (a plain
+    copy of the op's bytes) in the groups that have one."""
+    lines = []
+    for group, rows in groups.items():
+        floors = [r for r in rows if r["extra_info"].get("family") == "floor"]
+        if not floors:
+            continue
+        floor = floors[0]
+        for r in rows:
+            e = r["extra_info"]
+            if is_adaptok(e) and not e.get("interpreted"):
+                lines.append(f"- {group}, {e['provider']}: {r['stats']['median'] / floor['stats']['median']:.2f}x "
+                             f"{floor['extra_info']['provider']}")
+    return lines
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="+")
@@ -91,6 +108,10 @@ def main(argv=None):
     for group, members in groups.items():
         print(f"\n### {group}\n")
         print("\n".join(table(members, peak)))
+    floor = floor_ratios(groups)
+    if floor:
+        print("\n### Against a plain copy of the op's bytes\n")
+        print("\n".join(floor))
     overhead = cls_overhead(groups)
     if overhead:
         print("\n### Cost of return_cls_attn\n")

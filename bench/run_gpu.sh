@@ -6,7 +6,7 @@
 # tests.xml, gpu_validated.json (bench/gpu_validation.py),
 # bench.json (pytest-benchmark), report.md (bench/report.py: times against the
 # floors), adaptok-bench.json and adaptok-bench.png (adaptok-bench), and the ReViT and routing
-# benchmarks (revit-bench.*, routing-*). Extra arguments go to the benchmark
+# benchmarks (revit-bench.*, routing-*) and CF-ViT's (cfvit-*). Extra arguments go to the benchmark
 # run (e.g. -k "256img-H6-50_50").
 set -uo pipefail
 out=${1:?usage: bench/run_gpu.sh OUT_DIR}
@@ -31,4 +31,8 @@ python -m adaptok.bench.routing --model deit_small_patch16_224 --out "$out/routi
   || echo "routing bench (DeiT-S) failed (see routing-bench-deit_s.txt)"
 python -m adaptok.bench.routing --out "$out/routing-lab" >"$out/routing-bench-lab.txt" 2>&1 \
   || echo "routing bench (lab models) failed (see routing-bench-lab.txt)"
+python -m adaptok.bench.cfvit --model deit_small_patch16_224 --batch 256 --out "$out/cfvit-deit_s" >"$out/cfvit-bench-deit_s.txt" 2>&1 \
+  || echo "CF-ViT bench (DeiT-S) failed (see cfvit-bench-deit_s.txt)"
+python -m adaptok.bench.cfvit --out "$out/cfvit-lab" >"$out/cfvit-bench-lab.txt" 2>&1 \
+  || echo "CF-ViT bench (lab models) failed (see cfvit-bench-lab.txt)"
 exit "$tests_rc"

@@ -39,6 +39,13 @@ def series(seed: str = "0") -> list:
     if routing:
         keep = ("P10", "oracle", "router", "cascade", "Euclidean")
         out += [s for s in routing["series"] if any(k in s["name"] for k in keep)]
+    cf = read("cfvit")
+    if cf and seed in cf["per_seed"]:
+        r = cf["per_seed"][seed]["runs"]["cfvit"]
+        out.append({"name": "CF-ViT, eta 0-1", "points": [{k: p[k] for k in ("gmacs", "top1")} for p in r["curve"]]})
+        live = r.get("operating", {}).get("best", {}).get("val")
+        if live:
+            out.append({"name": "CF-ViT, live at the eta picked on train", "points": [live]})
     return out
 
 

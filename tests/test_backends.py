@@ -30,7 +30,7 @@ def sample(device="cpu", dtype=torch.float32):
 # The backends each op is expected to have.
 EXPECTED_BACKENDS = {name: set(BACKENDS) for name in (
     "pack", "unpack", "cls_tokens", "select_sequences", "varlen_attention", "varlen_attention_backward",
-    "topk_select", "segment_layer_norm", "pack_patches")}
+    "topk_select", "segment_layer_norm", "pack_patches", "fine_tokens")}
 
 
 def test_every_op_has_a_reference_and_its_backends():

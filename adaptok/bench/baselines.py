@@ -4,6 +4,10 @@ plain timm models and PyTorch only, no adaptok op.
 - :func:`evit_public`: EViT the way its public code computes it (the
   attention matrix materialized in every block to read its class-token row;
   ``topk``, ``gather``, a sort for the complement, ``gather``, weighted sum).
+- :func:`cfvit_official`: CF-ViT the way its official code computes it (the
+  attention matrix of every block kept to average its class row, an argsort
+  and index arithmetic for the fine tokens, the remaining images masked into
+  a dense sub-batch).
 - :class:`PaddedMixedGrid`: a batch that mixes token grids, padded to the
   longest sequence and masked (timm's own approach to variable resolution).
 - :class:`SeparateBatches`: the same batch split by grid, one timm model call
@@ -85,6 +89,79 @@ def evit_public(model: nn.Module, images: Tensor, keep_rate: float = 0.7, prune_
             x = torch.cat(parts, dim=1)
         x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
     return model.forward_head(model.norm(x))
+
+
+def _blocks_with_class_attention(model: nn.Module, x: Tensor, start: int, beta: float):
+    """Dense blocks on ``x [B, N, C]``; the global class attention ``[B, N -
+    1]`` folded from every block's ``[B, H, N, N]`` map from ``start`` on."""
+    maps = []
+    for i, blk in enumerate(model.blocks):
+        a, p = _attention_with_probs(blk.attn, blk.norm1(x))
+        if i >= start:
+            maps.append(p)  # the whole [B, H, N, N] map is kept, as the official code keeps them
+        x = x + blk.drop_path1(blk.ls1(a))
+        x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+    g = 0
+    for p in maps:
+        g = beta * g + (1 - beta) * p[:, :, 0, 1:].mean(dim=1)
+    return model.norm(x), g
+
+
+def cfvit_official(model: nn.Module, images: Tensor, eta=None) -> Tensor:
+    """CF-ViT's inference computed the way its official code does, on the
+    weights of an :mod:`adaptok.models.cfvit` model at its own image size
+    (its ``alpha``, ``beta``, ``start``, ``selection="global"``, ``resize``):
+    logits ``[B, classes]``, the coarse prediction where its max softmax is
+    at least ``eta`` (None: no image exits), else the fine one."""
+    _check_scope(model)
+    if model.selection != "global":
+        raise ValueError(f"the official path selects by global class attention, model.selection is "
+                         f"{model.selection!r}")
+    B = images.shape[0]
+    (h, w), _ = model.grids(images)
+    if (h, w) != model.coarse_grid:
+        raise ValueError(f"images must be of the model's own size (a {model.coarse_grid} coarse grid, as the "
+                         f"official code's fixed size), got {tuple(images.shape[-2:])}")
+    Nc, ph = h * w, model.patch_embed.patch_size[0]
+    size = (h * ph, w * ph)
+    if model.resize == "official":
+        small = F.interpolate(images, size=size, mode="bilinear", align_corners=True)
+    else:
+        small = F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
+    cls = model.cls_token.expand(B, -1, -1)
+    embed = (lambda t: model.patch_embed.norm(model.patch_embed.proj(t).flatten(2).transpose(1, 2)))
+    x = torch.cat([cls, embed(small)], dim=1) + model.coarse_pos_embed
+    final, g = _blocks_with_class_attention(model, model.norm_pre(x), model.start, model.beta)
+    coarse = model.forward_head(final)
+    if eta is None:
+        stay = torch.ones(B, dtype=torch.bool, device=images.device)
+    else:
+        stay = coarse.softmax(-1).amax(-1) < eta
+    if not bool(stay.any()):
+        return coarse
+    # The remaining images as a dense sub-batch.
+    x_in, final, g, full = x[stay], final[stay], g[stay], images[stay]
+    R, C = full.shape[0], x.shape[-1]
+    fine = embed(full)  # [R, 4 Nc, C]
+    if model.reuse is not None:
+        up = model.reuse(final[:, 1:]).transpose(1, 2).reshape(R, C, h, w)
+        fine = fine + F.interpolate(up, scale_factor=2, mode="nearest").flatten(2).transpose(1, 2)
+    fine = fine + model.pos_embed[:, 1:]
+    keep = model.keep(Nc)
+    order = torch.argsort(g, dim=1, descending=True)
+    top, rest = order[:, :keep], order[:, keep:]
+    # Index arithmetic: the four fine patches of coarse patch i = (r, c).
+    r, c = top // w, top % w
+    base = 2 * r * (2 * w) + 2 * c
+    idx = torch.stack([base, base + 1, base + 2 * w, base + 2 * w + 1], dim=-1).reshape(R, 4 * keep)
+    chosen = torch.gather(fine, 1, idx[..., None].expand(-1, -1, C))
+    kept = torch.gather(x_in[:, 1:], 1, rest[..., None].expand(-1, -1, C))
+    cls = (model.cls_token + model.pos_embed[:, :1]).expand(R, -1, -1)
+    out, _ = _blocks_with_class_attention(model, model.norm_pre(torch.cat([cls, chosen, kept], dim=1)), len(model.blocks),
+                                          0.0)
+    logits = coarse.clone()
+    logits[stay] = model.forward_head(out).to(coarse.dtype)
+    return logits
 
 
 class SeparateBatches:

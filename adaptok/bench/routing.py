@@ -283,12 +283,7 @@ def table(rep: dict) -> str:
              + (f"one image, {10 * rep['repeats']} calls" if rep.get("model") else
                 f"mean over {rep['single']} images, {10 * rep['repeats']} calls"),
              f"{'variant':22s} {'images/s':>9s} {'IQR %':>6s} {'top-1 %':>8s} {'GMACs/img':>9s} {'bs1 ms':>7s}"]
-    for name, r in rep["results"].items():
-        b = r["batch"]
-        iqr = 100 * (b["q3_s"] - b["q1_s"]) / b["median_s"]
-        top1 = f"{r['top1']:8.2f}" if r["top1"] is not None else f"{'-':>8s}"
-        lines.append(f"{name:22s} {r['images_per_s']:9.1f} {iqr:6.1f} {top1} {r['gmacs']:9.4f} "
-                     f"{r['single_ms_mean']:7.2f}")
+    lines += [result_line(name, r, 22) for name, r in rep["results"].items()]
     for name, r in rep["results"].items():
         if "speedup_over_p14" in r:
             s = r["bs1_vs_p14"]
@@ -298,35 +293,58 @@ def table(rep: dict) -> str:
     return "\n".join(lines + target_lines(rep["targets"]))
 
 
-def main(argv: Optional[list] = None) -> None:
+def family_parser(prog: str, doc: str, defaults: dict) -> argparse.ArgumentParser:
+    """The arguments every model-family benchmark takes (``defaults``: the
+    checkpoints, ``{name: path}``); each adds its own."""
     from adaptok.train.cli import key_value
 
-    p = argparse.ArgumentParser(prog="python -m adaptok.bench.routing", description=__doc__.split("\n\n")[0])
-    for k, v in DEFAULTS.items():
+    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    for k, v in defaults.items():
         p.add_argument(f"--{k}", default=v, help=f"checkpoint (default: {os.path.relpath(v)})")
-    p.add_argument("--threshold", type=float, nargs="+", default=[0.0, 0.5],
-                   help="router thresholds, one routed variant each (default: 0, repro/routing's operating point "
-                        "picked on train, and 0.5)")
     p.add_argument("--model", default=None, help="a timm ViT on random weights instead of the lab models, e.g. "
                    "deit_small_patch16_224 (the paper's scale)")
     p.add_argument("--model-arg", action="append", type=key_value, default=[], metavar="KEY=VALUE")
-    p.add_argument("--mix", type=float, default=0.5, help="with --model: the share of images routed to P7")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--batch", type=int, default=None, help="images per batch (default 256)")
     p.add_argument("--single", type=int, default=16, help="images cycled through at batch size 1")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 20 GPU, 7 CPU; bs1 gets 10x)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", default="bench-out")
+    return p
+
+
+def parse_family_args(p: argparse.ArgumentParser, argv, batch=lambda args, device: 256) -> tuple:
+    """``(args, device, dtype)``, the shared arguments checked; ``batch(args,
+    device)``: the default batch."""
     args = p.parse_args(argv)
     args.model_kwargs = dict(args.model_arg)
-    if not 0.0 <= args.mix <= 1.0:
-        p.error(f"--mix must be in [0, 1], got {args.mix}")
+    device = torch.device(args.device) if args.device else default_device()
+    args.batch = args.batch or batch(args, device)
     if args.batch < 1 or args.single < 1 or not 1 <= args.single <= args.batch:
         p.error("--batch and --single must be >= 1, and --single at most --batch")
-    device = torch.device(args.device) if args.device else default_device()
-    dtype = getattr(torch, args.dtype)
     args.repeats = args.repeats or (20 if device.type == "cuda" else 7)
+    return args, device, getattr(torch, args.dtype)
+
+
+def result_line(name: str, r: dict, width: int, middle: str = "") -> str:
+    """One variant's row: images/s, IQR, top-1, ``middle``, GMACs, bs1 ms."""
+    b = r["batch"]
+    iqr = 100 * (b["q3_s"] - b["q1_s"]) / b["median_s"]
+    top1 = f"{r['top1']:8.2f}" if r.get("top1") is not None else f"{'-':>8s}"
+    return (f"{name:{width}s} {r['images_per_s']:9.1f} {iqr:6.1f} {top1}{middle} {r['gmacs']:9.4f} "
+            f"{r['single_ms_mean']:7.2f}")
+
+
+def main(argv: Optional[list] = None) -> None:
+    p = family_parser("python -m adaptok.bench.routing", __doc__, DEFAULTS)
+    p.add_argument("--threshold", type=float, nargs="+", default=[0.0, 0.5],
+                   help="router thresholds, one routed variant each (default: 0, repro/routing's operating point "
+                        "picked on train, and 0.5)")
+    p.add_argument("--mix", type=float, default=0.5, help="with --model: the share of images routed to P7")
+    args, device, dtype = parse_family_args(p, argv)
+    if not 0.0 <= args.mix <= 1.0:
+        p.error(f"--mix must be in [0, 1], got {args.mix}")
     rep = {"environment": environment(device), "dtype": args.dtype, "batch": args.batch, "single": args.single,
            "repeats": args.repeats}
     if args.model:

@@ -77,6 +77,46 @@ def check_options(*, alpha=None, beta=None, selection=None, resize=None) -> None
         raise ValueError(f"resize must be one of {RESIZES}, got {resize!r}")
 
 
+def confidence(coarse: Tensor) -> Tensor:
+    """``[B]`` fp32: the coarse max softmax an image exits on (``>= eta``),
+    from the coarse logits ``[B, classes]``."""
+    return coarse.float().softmax(-1).amax(-1)
+
+
+def eta_sweep(coarse: Tensor, fine: Tensor, labels: Tensor, etas, stage_macs) -> dict:
+    """CF-ViT at every exit threshold from saved outputs (the paper's
+    curve), without running the model again: an image exits with its coarse
+    prediction when its :func:`confidence` is at least eta, else takes the
+    fine one and pays for both passes (:func:`adaptok.routing.cascade_outcome`,
+    a two-stage cascade).
+
+    Args:
+        coarse, fine: ``[N, classes]`` logits of both passes of every image
+            (``model(images, stages=True)``).
+        labels: ``[N]``.
+        etas: ``[E]`` thresholds.
+        stage_macs: ``(coarse, fine)`` MACs of one image
+            (:meth:`CFViT.stage_macs`).
+
+    Returns:
+        ``{"eta": [E], "top1": [E] %, "gmacs": [E] per image, "exited": [E] %}``
+        (float64 tensors).
+    """
+    from ..routing import cascade_outcome
+
+    etas = torch.as_tensor(etas, dtype=torch.float64).reshape(-1).cpu()
+    if etas.numel() and not bool(((etas >= 0) & (etas <= 1)).all()):
+        raise ValueError(f"etas must be in [0, 1], got {etas.tolist()}")
+    labels = labels.cpu()
+    conf = confidence(coarse).double().cpu()
+    correct = torch.stack([coarse.argmax(-1).cpu() == labels, fine.argmax(-1).cpu() == labels], 1)
+    right, spent, exit_ = cascade_outcome(torch.stack([conf, torch.ones_like(conf)], 1), correct,
+                                          torch.tensor([float(m) for m in stage_macs], dtype=torch.float64),
+                                          etas[:, None])
+    return {"eta": etas, "top1": 100.0 * right.double().mean(1), "gmacs": spent.mean(1) / 1e9,
+            "exited": 100.0 * (exit_ == 0).double().mean(1)}
+
+
 def check_eta(eta) -> Optional[float]:
     """``eta`` in [0, 1], or None (no image exits); errors name ``eta``."""
     return None if eta is None else _check_unit(eta, "eta")
@@ -262,7 +302,7 @@ class CFViT(AdaptiveVisionTransformer):
         if eta is None:
             stay = torch.ones(B, dtype=torch.bool, device=x.device)
         else:
-            stay = coarse.float().softmax(-1).amax(-1) < eta
+            stay = confidence(coarse) < eta
         idx = stay.nonzero().squeeze(1)  # the one host sync: how many images go on
         R = idx.shape[0]
         out = coarse

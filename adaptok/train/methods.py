@@ -197,12 +197,12 @@ class CFViT(Method):
         from ..models import cfvit
 
         if not cfvit.is_cfvit(model):
-            cfvit.convert(model, **self.options)
+            cfvit.convert(model, **self.options, eta=self.eta)
         else:
             opts = {k: v for k, v in self.options.items() if k != "feature_reuse"}
             if (model.reuse is not None) != self.options["feature_reuse"]:
                 raise ValueError(f"feature_reuse={self.options['feature_reuse']} differs from the model's")
-            model.configure(**opts)
+            model.configure(**opts, eta=self.eta)
 
     def step(self, model: nn.Module, epoch: float) -> None:
         model.split_all = epoch < self.select_from

@@ -138,9 +138,15 @@ def export_weights(cfg: dict, runs: str, out: str, names=("p14", "p7")) -> None:
         for name in names:
             fields = run_config(cfg, name, seed, runs)
             if finished(fields):
-                ckpt = torch.load(os.path.join(fields["out"], "last.pth"), map_location="cpu", weights_only=True)
-                keep = {k: ckpt[k] for k in ("config", "method", "num_classes", "epoch", "records", "state_dict")}
-                torch.save(keep, os.path.join(out, f"{name}-s{seed}.pth"))
+                export_checkpoint(os.path.join(fields["out"], "last.pth"), os.path.join(out, f"{name}-s{seed}.pth"))
+
+
+def export_checkpoint(last: str, dest: str) -> None:
+    """A run's ``last.pth`` without its optimizer state, as a small lab
+    checkpoint that ``create_model(checkpoint=...)`` and ``adaptok-eval`` load."""
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    keep = {k: ckpt[k] for k in ("config", "method", "num_classes", "epoch", "records", "state_dict")}
+    torch.save(keep, dest)
 
 
 def report(cfg: dict, per_seed: dict, results: str, train_s: dict) -> None:

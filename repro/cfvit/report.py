@@ -1,0 +1,220 @@
+"""Evaluate repro/cfvit's finished runs and write ``results/`` (called by
+``run.py``; ``python repro/cfvit/run.py --report``).
+
+Per seed, for the CF-ViT run (and the feature-reuse ablation where it ran):
+
+- both passes on every image of val and of train (evaluation transforms):
+  coarse and fine logits to ``results/logits/`` (npz);
+- the eta curve on val from those outputs (:func:`adaptok.models.cfvit.eta_sweep`);
+- two operating points picked on **train**: the lowest eta whose train
+  top-1 reaches P14's (P14 of repro/deit_evit, same seed, evaluated on the
+  same train images), and the eta with the best train top-1; each then run
+  live on val (``adaptok.evaluate``: the early exit as it executes, GMACs
+  as spent) and checked against the offline curve;
+- the selection ablation (the paper's Table 4) on the same weights: the
+  fine-pass top-1 on val when the patches to re-split are chosen by the
+  global class attention, the last block's class attention, at random, or
+  by the lowest global class attention;
+- feature reuse on and off (Table 5): the two runs' coarse and fine top-1.
+
+Nothing is picked on val. Plot: ``results/accuracy_vs_gmacs.png``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "deit_evit"))
+
+import adaptok  # noqa: E402
+from adaptok import data as lab_data  # noqa: E402
+from adaptok.evaluate import evaluate, plot  # noqa: E402
+from adaptok.models.cfvit import eta_sweep  # noqa: E402
+from adaptok.train import create_model  # noqa: E402
+from run import commit, export_checkpoint, train_seconds  # noqa: E402  (repro/deit_evit/run.py)
+
+NAMES = {"cfvit": "CF-ViT", "cfvit_no_reuse": "CF-ViT without feature reuse"}
+SELECTIONS = {"global": "global class attention (CF-ViT)", "last": "last block's class attention",
+              "random": "random patches", "negative": "lowest global class attention"}
+
+
+def loader(split: str):
+    """The split in its fixed order with evaluation transforms."""
+    return lab_data.create_loader("animal-mnist", split, 256, 28, 1, training=False)
+
+
+@torch.no_grad()
+def stages(model, split: str) -> dict:
+    """Coarse and fine logits ``[N, K]`` float32 and labels ``[N]`` of every image of ``split``."""
+    model.eval()
+    c, f, y = [], [], []
+    for images, labels in loader(split):
+        coarse, fine = model(images, stages=True)
+        c.append(coarse.float())
+        f.append(fine.float())
+        y.append(labels)
+    return {"coarse": torch.cat(c), "fine": torch.cat(f), "labels": torch.cat(y)}
+
+
+@torch.no_grad()
+def top1_of(model, split: str, **kw) -> float:
+    right = n = 0
+    for images, labels in loader(split):
+        right += int((model(images, **kw).argmax(-1) == labels).sum())
+        n += len(labels)
+    return 100.0 * right / n
+
+
+def curve(out: dict, etas, macs) -> list:
+    s = eta_sweep(out["coarse"], out["fine"], out["labels"], etas, macs)
+    return [{"eta": float(e), "top1": float(t), "gmacs": float(g), "exited": float(x), "label": f"{float(e):g}"}
+            for e, t, g, x in zip(s["eta"], s["top1"], s["gmacs"], s["exited"])]
+
+
+def operating_points(train: dict, macs, p14_train_top1: float) -> dict:
+    """The etas picked on train (every train confidence is a candidate)."""
+    from adaptok.models.cfvit import confidence
+
+    cands = torch.cat([torch.tensor([0.0, 1.0], dtype=torch.float64),
+                       confidence(train["coarse"]).double()]).unique()
+    s = eta_sweep(train["coarse"], train["fine"], train["labels"], cands, macs)
+    reach = s["top1"] >= p14_train_top1 - 1e-9
+    out = {"best": {"eta": float(cands[int(s["top1"].argmax())]), "train_top1": float(s["top1"].max())}}
+    if bool(reach.any()):
+        i = int(reach.nonzero()[0])
+        out["p14"] = {"eta": float(cands[i]), "train_top1": float(s["top1"][i]), "p14_train_top1": p14_train_top1}
+    else:
+        out["p14"] = {"eta": None, "p14_train_top1": p14_train_top1,
+                      "note": "no eta reaches P14's train top-1"}
+    return out
+
+
+def evaluate_seed(cfg: dict, runs: str, results: str, seed: int, finished) -> dict:
+    out = {"seed": seed, "runs": {}}
+    p14_path = os.path.join(HERE, "..", "deit_evit", "checkpoints", f"p14-s{seed}.pth")
+    p14_train = top1_of(create_model(checkpoint=p14_path), "train") if os.path.exists(p14_path) else None
+    for name in cfg["runs"]:
+        if not finished(name, seed):
+            continue
+        path = os.path.join(runs, f"{name}-s{seed}", "last.pth")
+        model = create_model(checkpoint=path).eval()
+        macs = model.stage_macs()
+        val, train = stages(model, "val"), stages(model, "train")
+        np.savez_compressed(os.path.join(results, "logits", f"{name}-s{seed}.npz"),
+                            **{k: v.numpy() for k, v in val.items()}, stage_macs=np.array(macs))
+        r = {"stage_macs": list(macs), "train_seconds": train_seconds(os.path.dirname(path)),
+             "coarse_top1": curve(val, [0.0], macs)[0]["top1"], "fine_top1": curve(val, [1.0], macs)[0]["top1"],
+             "curve": curve(val, cfg["etas"], macs), "train_curve": curve(train, cfg["etas"], macs)}
+        if p14_train is not None:
+            r["operating"] = operating_points(train, macs, p14_train)
+            for point in r["operating"].values():
+                if point.get("eta") is None:
+                    continue
+                model.configure(eta=point["eta"])
+                live = evaluate(model, loader("val"), amp=False)
+                offline = curve(val, [point["eta"]], macs)[0]
+                point.update(val=live, val_offline=offline)
+                print(f"{name}-s{seed} eta {point['eta']:.4f}: live top-1 {live['top1']:.2f} at {live['gmacs']:.4f} "
+                      f"GMACs, offline {offline['top1']:.2f} at {offline['gmacs']:.4f}", flush=True)
+            model.configure(eta=None)
+        if name == "cfvit":
+            r["selection"] = {}
+            for sel, opts in cfg["selection_ablation"].items():
+                m = create_model(checkpoint=path).eval()
+                m.configure(**opts)
+                torch.manual_seed(seed)
+                r["selection"][sel] = top1_of(m, "val", eta=None)
+            export_checkpoint(path, os.path.join(HERE, "checkpoints", f"cfvit-s{seed}.pth"))
+        out["runs"][name] = r
+        print(f"{name}-s{seed}: coarse {r['coarse_top1']:.2f}, fine {r['fine_top1']:.2f}", flush=True)
+    return out
+
+
+def report(cfg: dict, base: dict, runs: str, finished) -> int:
+    results = os.path.join(HERE, "results")
+    os.makedirs(os.path.join(results, "logits"), exist_ok=True)
+    os.makedirs(os.path.join(HERE, "checkpoints"), exist_ok=True)
+    with open(os.path.join(HERE, "..", "deit_evit", "results", "results.json")) as f:
+        deit = json.load(f)["per_seed"]
+    per_seed = {}
+    for seed in cfg["seeds"]:
+        out = evaluate_seed(cfg, runs, results, seed, finished)
+        if out["runs"]:
+            per_seed[str(seed)] = out
+    if not per_seed:
+        print("no finished run to report", file=sys.stderr)
+        return 1
+    text = table(per_seed, deit)
+    seed0 = per_seed[min(per_seed)]
+    s = seed0["seed"]
+    series = [{"name": "DeiT 14x14 (P14)", "points": [deit[str(s)]["p14"]]},
+              {"name": "DeiT 7x7 (P7)", "points": [deit[str(s)]["p7"]]},
+              {"name": "EViT fine-tuned, keep 0.5-1.0", "points": deit[str(s)]["evit_ft_sweep"]}]
+    for name, r in seed0["runs"].items():
+        series.append({"name": f"{NAMES[name]}, eta {cfg['etas'][0]:g}-{cfg['etas'][-1]:g}", "points": r["curve"]})
+        for key, point in r.get("operating", {}).items():
+            if "val" in point:
+                series.append({"name": f"{NAMES[name]}, live at eta {point['eta']:.3f} (picked on train)",
+                               "points": [point["val"]]})
+    plot(series, os.path.join(results, "accuracy_vs_gmacs.png"),
+         title=f"animal-mnist val (2,000 images), 6-block ViT width 64, seed {s}")
+    meta = {"commit": commit(), "torch": torch.__version__, "adaptok": adaptok.__version__,
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores", "seeds": sorted(per_seed), "config": cfg,
+            "recipe": base["base"]}
+    text += f"\ncommit {meta['commit']}, torch {meta['torch']}, {meta['machine']}, seeds {meta['seeds']}.\n"
+    with open(os.path.join(results, "table.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(results, "results.json"), "w") as f:
+        json.dump({"meta": meta, "per_seed": per_seed}, f, indent=1)
+    print(text)
+    return 0
+
+
+def table(per_seed: dict, deit: dict) -> str:
+    lines = ["| seed | model | coarse top-1 % (7×7) | fine top-1 % (every image refined) | GMACs coarse / +fine | "
+             "P14 top-1 % (GMACs) | P7 top-1 % | train time (s) |", "|---|---|---|---|---|---|---|---|"]
+    for s, out in per_seed.items():
+        d = deit.get(s, {})
+        for name, r in out["runs"].items():
+            c, f = r["stage_macs"]
+            p14 = f"{d['p14']['top1']:.2f} ({d['p14']['gmacs']:.4f})" if "p14" in d else "–"
+            p7 = f"{d['p7']['top1']:.2f}" if "p7" in d else "–"
+            lines.append(f"| {s} | {NAMES[name]} | {r['coarse_top1']:.2f} | {r['fine_top1']:.2f} | {c / 1e9:.4f} / "
+                         f"{f / 1e9:.4f} | {p14} | {p7} | {r['train_seconds'] or 0:.0f} |")
+    text = "\n".join(lines) + "\n"
+    text += ("\nOperating points (eta picked on the training split, then run live on val: exits as executed, "
+             "GMACs as spent):\n\n| seed | model | rule | eta | train top-1 % | val top-1 % | val GMACs | exited on "
+             "val % | P14 val top-1 % (GMACs) |\n|---|---|---|---|---|---|---|---|---|\n")
+    for s, out in per_seed.items():
+        d = deit.get(s, {})
+        for name, r in out["runs"].items():
+            for rule, p in r.get("operating", {}).items():
+                what = "lowest eta reaching P14's train top-1" if rule == "p14" else "best train top-1"
+                if p.get("eta") is None:
+                    text += f"| {s} | {NAMES[name]} | {what} | none | – | – | – | – | – |\n"
+                    continue
+                text += (f"| {s} | {NAMES[name]} | {what} | {p['eta']:.4f} | {p['train_top1']:.2f} | "
+                         f"{p['val']['top1']:.2f} | {p['val']['gmacs']:.4f} | {p['val_offline']['exited']:.1f} | "
+                         f"{d['p14']['top1']:.2f} ({d['p14']['gmacs']:.4f}) |\n")
+    text += "\nThe eta curve on val (from saved outputs):\n\n| seed | model | " + " | ".join(
+        f"{p['eta']:g}" for p in next(iter(per_seed.values()))["runs"]["cfvit"]["curve"]) + " |\n"
+    text += "|---|---|" + "---|" * len(next(iter(per_seed.values()))["runs"]["cfvit"]["curve"]) + "\n"
+    for s, out in per_seed.items():
+        for name, r in out["runs"].items():
+            text += f"| {s} | {NAMES[name]} top-1 % | " + " | ".join(f"{p['top1']:.2f}" for p in r["curve"]) + " |\n"
+            text += f"| {s} | GMACs | " + " | ".join(f"{p['gmacs']:.4f}" for p in r["curve"]) + " |\n"
+            text += f"| {s} | exited % | " + " | ".join(f"{p['exited']:.1f}" for p in r["curve"]) + " |\n"
+    text += ("\nWhich coarse patches are re-split (Table 4; the fine pass's top-1 % on val, every image refined, "
+             "the same trained weights):\n\n| seed | " + " | ".join(SELECTIONS.values()) + " |\n|---|"
+             + "---|" * len(SELECTIONS) + "\n")
+    for s, out in per_seed.items():
+        sel = out["runs"].get("cfvit", {}).get("selection")
+        if sel:
+            text += f"| {s} | " + " | ".join(f"{sel[k]:.2f}" for k in SELECTIONS) + " |\n"
+    return text
