@@ -159,11 +159,17 @@ def test_selection_ablations_choose_as_named(monkeypatch):
 
     monkeypatch.setattr(cfvit, "fine_tokens", spy)
     for selection, check in (("global", lambda s: torch.equal(s, g)), ("negative", lambda s: torch.equal(s, -g)),
-                             ("random", lambda s: not torch.equal(s, g))):
+                             ("random", lambda s: s.shape == g.shape and bool(((s >= 0) & (s < 1)).all()))):
         model.configure(selection=selection)
         with torch.no_grad():
             model(x, stages=True)
         assert check(seen["score"]), selection
+    # Random draws anew each call, whatever the class attention.
+    with torch.no_grad():
+        model(x, stages=True)
+        first = seen["score"]
+        model(x, stages=True)
+    assert not torch.equal(first, seen["score"])
 
 
 def test_macs_count_what_ran():
@@ -223,21 +229,77 @@ def test_eta_sweep_equals_the_live_early_exit():
         assert float(spent.double().mean()) / 1e9 == pytest.approx(float(s["gmacs"][i]))
 
 
+def test_one_exit_rule_at_the_boundary():
+    """An eta a hair above or below an image's confidence, or equal to it:
+    the live model and the offline sweep agree; so does the official-style
+    baseline off the exact boundary (it computes the coarse logits its own
+    way, equal to 1e-15, not bit for bit)."""
+    model = make()
+    x, y = images(6), torch.arange(6)
+    with torch.no_grad():
+        coarse, fine = model(x, stages=True)
+    conf = float(cfvit.confidence(coarse)[2])
+    for eta in (conf - 1e-9, conf, conf + 1e-9):
+        with torch.no_grad():
+            logits, exited = model(x, eta=eta, return_exits=True)
+            official = cfvit_official(model, x, eta)
+        assert bool(exited[2]) == (eta <= conf)
+        sweep = cfvit.eta_sweep(coarse, fine, y, [eta], model.stage_macs())
+        assert float(sweep["exited"][0]) == pytest.approx(100.0 * float(exited.double().mean()))
+        if eta != conf:
+            torch.testing.assert_close(official, logits, rtol=1e-10, atol=1e-10)
+
+
+def test_pick_eta():
+    """Confidences 0.9, 0.6, 0.5; coarse right on images 0 and 2, fine on 1 and 2 (as in the sweep test)."""
+    p = torch.tensor([0.9, 0.6, 0.5])
+    coarse = torch.stack([p.log(), (1 - p).log()], 1)
+    fine = torch.tensor([[0.0, 1.0], [0.0, 1.0], [1.0, 0.0]])
+    labels = torch.tensor([0, 1, 0])
+    best = cfvit.pick_eta(coarse, fine, labels)
+    assert best["top1"] == pytest.approx(100.0) and float(torch.tensor(0.6)) < best["eta"] <= float(torch.tensor(0.9))
+    low = cfvit.pick_eta(coarse, fine, labels, 60.0)
+    assert low == {"eta": 0.0, "top1": pytest.approx(200 / 3)}
+    assert cfvit.pick_eta(coarse, fine, labels, 100.0)["eta"] == best["eta"]
+    # Image 0 is right only in the fine pass, image 1 only in the coarse pass, but 1 is the less sure: no
+    # eta lets 1 exit and keeps 0.
+    assert cfvit.pick_eta(coarse[:2], fine[:2], torch.tensor([1, 0]), 100.0) is None
+
+
 # ------------------------------------------------------------------- training
 
 
 def test_loss_is_ce_of_fine_plus_kl_to_the_detached_fine():
+    """The value, and the gradients: those of CE(fine) + KL with the fine
+    side detached, not those of the same loss with the fine side attached
+    (whose value is the same)."""
     model = make(torch.float32).train()
     x, y = images(4, dtype=torch.float32), torch.tensor([1, 2, 3, 4])
-    loss = cfvit.loss(model, x, y, torch.nn.CrossEntropyLoss())
-    torch.manual_seed(0)
-    coarse, fine = model(x, stages=True)
-    p_fine = fine.detach().softmax(-1)
-    kl = (p_fine * (p_fine.log() - coarse.log_softmax(-1))).sum(-1).mean()
-    torch.testing.assert_close(loss, F.cross_entropy(fine, y) + kl)
-    loss.backward()
+    params = dict(model.named_parameters())
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return {k: p.grad.clone() for k, p in params.items() if p.grad is not None}
+
+    ours = cfvit.loss(model, x, y, torch.nn.CrossEntropyLoss())
+    got = grads(ours)
+
+    def by_hand(detach):
+        coarse, fine = model(x, stages=True)
+        p_fine = (fine.detach() if detach else fine).softmax(-1)
+        kl = (p_fine * (p_fine.log() - coarse.log_softmax(-1))).sum(-1).mean()
+        return F.cross_entropy(fine, y) + kl
+
+    detached, attached = by_hand(True), by_hand(False)
+    torch.testing.assert_close(ours, detached)
+    torch.testing.assert_close(ours, attached)  # the same value either way: only the gradients tell
+    want, wrong = grads(by_hand(True)), grads(by_hand(False))
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], msg=k)
+    assert any(not torch.allclose(want[k], wrong[k]) for k in want)
     for name in ("coarse_pos_embed", "pos_embed", "reuse.1.fc1.weight", "blocks.0.attn.qkv.weight"):
-        assert float(dict(model.named_parameters())[name].grad.abs().sum()) > 0, name
+        assert float(got[name].abs().sum()) > 0, name
 
 
 TRAIN = dict(model="vit_tiny_patch16_224", model_kwargs={**{k: v for k, v in KW.items() if k != "num_classes"}, "depth": 2}, limit=64, batch_size=32,
@@ -357,8 +419,11 @@ BAD_CONVERT = {
 @pytest.mark.parametrize("case", list(BAD_CONVERT))
 def test_convert_errors_name_the_argument(case):
     kw, kind, message = BAD_CONVERT[case]
+    model = plain()
+    cls = type(model)
     with pytest.raises(kind, match=message):
-        cfvit.convert(plain(), **kw)
+        cfvit.convert(model, **kw)
+    assert type(model) is cls  # a refused call leaves the model as it was (not patched)
 
 
 BAD_MODELS = {

@@ -52,8 +52,10 @@ def scores(kind, B, Nc, gen):
     s = torch.randint(0, 3, (B, Nc), generator=gen).float()  # many ties
     if kind == "nan":
         s[torch.rand(B, Nc, generator=gen) < 0.3] = math.nan
-        s[:, 0] = -math.inf
+        s[:, 0] = math.nan  # NaN counts as -inf: it ties with the -inf after it and wins on index
         if Nc > 1:
+            s[:, 1] = -math.inf
+        if Nc > 2:
             s[:, -1] = math.inf
     return s
 

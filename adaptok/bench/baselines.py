@@ -93,18 +93,16 @@ def evit_public(model: nn.Module, images: Tensor, keep_rate: float = 0.7, prune_
 
 def _blocks_with_class_attention(model: nn.Module, x: Tensor, start: int, beta: float):
     """Dense blocks on ``x [B, N, C]``; the global class attention ``[B, N -
-    1]`` folded from every block's ``[B, H, N, N]`` map from ``start`` on."""
-    maps = []
+    1]`` read from the running average of every block's ``[B, H, N, N]``
+    map from ``start`` on (None when ``start`` is past the last block)."""
+    g = 0
     for i, blk in enumerate(model.blocks):
         a, p = _attention_with_probs(blk.attn, blk.norm1(x))
         if i >= start:
-            maps.append(p)  # the whole [B, H, N, N] map is kept, as the official code keeps them
+            g = beta * g + (1 - beta) * p  # a running average of the whole [B, H, N, N] maps, as the official code
         x = x + blk.drop_path1(blk.ls1(a))
         x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
-    g = 0
-    for p in maps:
-        g = beta * g + (1 - beta) * p[:, :, 0, 1:].mean(dim=1)
-    return model.norm(x), g
+    return model.norm(x), (g[:, :, 0, 1:].mean(dim=1) if start < len(model.blocks) else None)
 
 
 def cfvit_official(model: nn.Module, images: Tensor, eta=None) -> Tensor:
@@ -113,7 +111,12 @@ def cfvit_official(model: nn.Module, images: Tensor, eta=None) -> Tensor:
     (its ``alpha``, ``beta``, ``start``, ``selection="global"``, ``resize``):
     logits ``[B, classes]``, the coarse prediction where its max softmax is
     at least ``eta`` (None: no image exits), else the fine one."""
+    from adaptok.models.cfvit import exits
+
     _check_scope(model)
+    if model.no_embed_class:
+        raise ValueError("the official path adds the coarse table to the class token too: a model with "
+                         "no_embed_class is not in its scope")
     if model.selection != "global":
         raise ValueError(f"the official path selects by global class attention, model.selection is "
                          f"{model.selection!r}")
@@ -136,9 +139,9 @@ def cfvit_official(model: nn.Module, images: Tensor, eta=None) -> Tensor:
     if eta is None:
         stay = torch.ones(B, dtype=torch.bool, device=images.device)
     else:
-        stay = coarse.softmax(-1).amax(-1) < eta
+        stay = ~exits(coarse, eta)
     if not bool(stay.any()):
-        return coarse
+        return coarse  # no image left, no fine pass (skipping it can only favour this baseline)
     # The remaining images as a dense sub-batch.
     x_in, final, g, full = x[stay], final[stay], g[stay], images[stay]
     R, C = full.shape[0], x.shape[-1]

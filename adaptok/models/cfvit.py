@@ -77,10 +77,24 @@ def check_options(*, alpha=None, beta=None, selection=None, resize=None) -> None
         raise ValueError(f"resize must be one of {RESIZES}, got {resize!r}")
 
 
+def _check_start(start, depth: int) -> int:
+    if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < depth:
+        raise ValueError(f"start must be a block index in [0, {depth - 1}] (depth {depth}), got {start!r}")
+    return start
+
+
 def confidence(coarse: Tensor) -> Tensor:
-    """``[B]`` fp32: the coarse max softmax an image exits on (``>= eta``),
-    from the coarse logits ``[B, classes]``."""
-    return coarse.float().softmax(-1).amax(-1)
+    """``[B]`` float64: the coarse max softmax (computed in fp32, or in the
+    logits' dtype if wider) an image exits on, from the coarse logits
+    ``[B, classes]``."""
+    return coarse.to(torch.promote_types(coarse.dtype, torch.float32)).softmax(-1).amax(-1).double()
+
+
+def exits(coarse: Tensor, eta: float) -> Tensor:
+    """``[B]`` bool: the images whose coarse pass is sure enough to exit,
+    ``confidence(coarse) >= eta`` (compared in float64). The one exit rule:
+    the model, :func:`eta_sweep` and the official-style baseline use it."""
+    return confidence(coarse) >= eta
 
 
 def eta_sweep(coarse: Tensor, fine: Tensor, labels: Tensor, etas, stage_macs) -> dict:
@@ -108,13 +122,32 @@ def eta_sweep(coarse: Tensor, fine: Tensor, labels: Tensor, etas, stage_macs) ->
     if etas.numel() and not bool(((etas >= 0) & (etas <= 1)).all()):
         raise ValueError(f"etas must be in [0, 1], got {etas.tolist()}")
     labels = labels.cpu()
-    conf = confidence(coarse).double().cpu()
+    conf = confidence(coarse).cpu()
     correct = torch.stack([coarse.argmax(-1).cpu() == labels, fine.argmax(-1).cpu() == labels], 1)
     right, spent, exit_ = cascade_outcome(torch.stack([conf, torch.ones_like(conf)], 1), correct,
                                           torch.tensor([float(m) for m in stage_macs], dtype=torch.float64),
                                           etas[:, None])
     return {"eta": etas, "top1": 100.0 * right.double().mean(1), "gmacs": spent.mean(1) / 1e9,
             "exited": 100.0 * (exit_ == 0).double().mean(1)}
+
+
+def pick_eta(coarse: Tensor, fine: Tensor, labels: Tensor, min_top1: Optional[float] = None) -> Optional[dict]:
+    """An exit threshold chosen on these images (training or calibration
+    data) from both passes' logits ``[N, classes]``: the lowest whose top-1
+    reaches ``min_top1`` %, or with ``min_top1=None`` the most accurate (the
+    lowest among ties). The candidates are 0, 1 and every image's
+    confidence. Returns ``{"eta", "top1"}``, or None when no threshold
+    reaches ``min_top1``."""
+    etas = torch.cat([torch.tensor([0.0, 1.0], dtype=torch.float64), confidence(coarse).cpu()]).unique()
+    top1 = eta_sweep(coarse, fine, labels, etas, (0, 0))["top1"]
+    if min_top1 is None:
+        i = int(top1.argmax())  # the first maximum: the lowest eta
+    else:
+        reach = (top1 >= min_top1 - 1e-9).nonzero()
+        if reach.numel() == 0:
+            return None
+        i = int(reach[0])
+    return {"eta": float(etas[i]), "top1": float(top1[i])}
 
 
 def check_eta(eta) -> Optional[float]:
@@ -152,10 +185,7 @@ class CFViT(AdaptiveVisionTransformer):
         if beta is not None:
             self.beta = float(beta)
         if start is not None:
-            depth = len(self.blocks)
-            if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < depth:
-                raise ValueError(f"start must be a block index in [0, {depth - 1}] (depth {depth}), got {start!r}")
-            self.start = start
+            self.start = _check_start(start, len(self.blocks))
         if selection is not None:
             self.selection = selection
         if resize is not None:
@@ -302,7 +332,7 @@ class CFViT(AdaptiveVisionTransformer):
         if eta is None:
             stay = torch.ones(B, dtype=torch.bool, device=x.device)
         else:
-            stay = confidence(coarse) < eta
+            stay = ~exits(coarse, eta)
         idx = stay.nonzero().squeeze(1)  # the one host sync: how many images go on
         R = idx.shape[0]
         out = coarse
@@ -326,20 +356,27 @@ class CFViT(AdaptiveVisionTransformer):
         else:
             (gh, gw), (fh, fw) = self.grids(images)
         Nc, n = gh * gw, self.num_prefix_tokens
+        key = (gh, gw, self.keep(Nc), self.reuse is not None)
+        cache = self.__dict__.setdefault("_stage_macs", {})
+        if key in cache:
+            return cache[key]
         conv = self.patch_embed.proj.weight.numel()
         reuse = 0 if self.reuse is None else linear(self.reuse)
         head = linear(self) - linear(self.blocks) - linear(self.patch_embed) - reuse
         coarse = Nc * conv + blocks_macs(self, n + Nc) + head
         fine = fh * fw * conv + Nc * reuse + blocks_macs(self, n + Nc + 3 * self.keep(Nc)) + head
+        cache[key] = coarse, fine
         return coarse, fine
 
     @torch.no_grad()
     def forward_with_macs(self, images: Tensor, grid=None) -> tuple[Tensor, Tensor]:
-        """``(logits [B, K], macs [B] int64)``: each image's coarse pass, plus
-        the fine pass where it did not exit (at the model's ``eta``)."""
+        """``(logits [B, K], macs [B] int64 on the device)``: each image's
+        coarse pass, plus the fine pass where it did not exit (at the model's
+        ``eta``)."""
         logits, exited = self(images, grid=grid, return_exits=True)
-        coarse, fine = self.stage_macs(images)
-        return logits, torch.where(exited.cpu(), coarse, coarse + fine).to(torch.int64)
+        coarse, fine = self.stage_macs(images)  # cached per grid and keep count
+        both = torch.full_like(exited, coarse + fine, dtype=torch.int64)
+        return logits, both.masked_fill_(exited, coarse)  # on the device: no second sync
 
     def extra_repr(self) -> str:
         return (f"alpha={self.alpha}, beta={self.beta}, start={self.start}, selection={self.selection!r}, "
@@ -395,13 +432,12 @@ def convert(model: nn.Module, *, alpha: float = ALPHA, beta: float = BETA, start
     if gh != gw or gh % 2:
         raise UnsupportedModelError(f"CF-ViT needs an even square patch grid (the fine grid), this model's is "
                                     f"{gh}x{gw}")
-    patch(model)
+    check_options(alpha=alpha, beta=beta, selection=selection, resize=resize)
+    check_eta(eta)
+    _check_start(start, len(model.blocks))
+    patch(model)  # every argument checked first: a refused call leaves the model as it was
     model.__class__ = CFViT
-    try:
-        model.configure(alpha=alpha, beta=beta, start=start, selection=selection, resize=resize, eta=eta)
-    except ValueError:
-        model.__class__ = AdaptiveVisionTransformer
-        raise
+    model.configure(alpha=alpha, beta=beta, start=start, selection=selection, resize=resize, eta=eta)
     model.split_all = False
     n_pos = 0 if model.no_embed_class else model.num_prefix_tokens
     with torch.no_grad():

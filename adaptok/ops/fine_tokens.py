@@ -16,8 +16,8 @@ C]`` tokens, each image::
           coarse[b, i] ]
 
 The chosen patches are the top K of ``score[b]`` (CF-ViT's global class
-attention); ties go to the lower index, and NaN ranks below every number, so
-exactly K are chosen whatever the scores. ``source [B, Nc + 3K]`` (int64)
+attention); NaN counts as -inf and ties go to the lower index, so exactly
+K are chosen whatever the scores. ``source [B, Nc + 3K]`` (int64)
 says where every row after the prefix came from: ``f`` for a fine patch,
 ``Nf + i`` for coarse patch i. The sum is formed in fp32 and rounded once to
 the dtype; coarse and prefix rows are copied as they are. Only the shapes
@@ -146,7 +146,7 @@ def fine_tokens_reference(fine: Tensor, coarse: Tensor, score: Tensor, keep: int
         ``(tokens [B, n + Nc + 3 keep, C], source [B, Nc + 3 keep] int64)``.
     """
     B, Nc, C = coarse.shape
-    key = torch.nan_to_num(score, nan=-math.inf)
+    key = torch.where(torch.isnan(score), -math.inf, score)  # NaN is -inf; infinities stay as they are
     chosen = torch.sort(key, dim=1, descending=True, stable=True).indices[:, :keep]
     split = torch.zeros(B, Nc, dtype=torch.uint8, device=coarse.device).scatter_(1, chosen, 1)
     ranked = torch.sort(split, dim=1, descending=True, stable=True).indices  # chosen ascending, then the others
