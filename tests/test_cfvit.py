@@ -372,7 +372,7 @@ def test_benchmark_tiny_run(tmp_path, capsys):
                 "--out", str(tmp_path)])
     rep = json.loads((tmp_path / "cfvit-bench.json").read_text())
     r = rep["results"]
-    assert len(r) == 7 and r["P14, timm"]["top1"] is not None
+    assert len(r) == 9 and r["P14, timm"]["top1"] is not None
     first = [k for k in r if k.startswith("CF-ViT eta=0,")]
     last = [k for k in r if k.startswith("CF-ViT eta=1,")]
     assert len(first) == len(last) == 2

@@ -14,11 +14,12 @@ sequences, fine pass, reordering), in one run:
 The default models are ``repro/cfvit``'s CF-ViT and ``repro/deit_evit``'s P14
 (``--cfvit``, ``--p14`` to use others) on the first ``--batch`` images of
 animal-mnist's val split. The thresholds are 0 (every image exits after the
-coarse pass), 1 (none does: both passes for every image), and ``~P14``: the
+coarse pass), 1 (none does: both passes for every image), ``~P14``: the
 threshold ``repro/cfvit`` picked on the training split to reach P14's
-training top-1 (with other checkpoints, or without those results: the
-lowest threshold whose top-1 on the benchmark images reaches P14's, else
-the most accurate one). The report says which. At batch size 1 the first
+training top-1, and ``half exit``: the one at which half its training images
+exit (with other checkpoints, or without those results: on the benchmark
+images, the lowest threshold whose top-1 reaches P14's, else the most
+accurate one, and the median confidence). The report says which. At batch size 1 the first
 ``--single`` images are run in turn, every variant on the same image in a
 round: the latency is the mean over those images, whose exits differ.
 
@@ -51,16 +52,17 @@ DEFAULTS = {"cfvit": os.path.join(_REPRO, "cfvit", "checkpoints", "cfvit-s0.pth"
 RESULTS = os.path.join(_REPRO, "cfvit", "results", "results.json")
 
 
-def operating_eta(path: str, seed: int = 0) -> Optional[float]:
-    """The eta ``repro/cfvit`` picked on the training split to reach P14's
-    training top-1 (its results.json), or None."""
+def operating_eta(path: str, rule: str, seed: int = 0) -> Optional[float]:
+    """The eta ``repro/cfvit`` picked on the training split by ``rule``
+    (``"p14"``: to reach P14's training top-1; ``"half"``: half the images
+    exit), from its results.json, or None."""
     import json
 
     if not os.path.exists(path):
         return None
     with open(path) as f:
         runs = json.load(f)["per_seed"].get(str(seed), {}).get("runs", {})
-    return runs.get("cfvit", {}).get("operating", {}).get("p14", {}).get("eta")
+    return runs.get("cfvit", {}).get("operating", {}).get(rule, {}).get("eta")
 
 
 def _single(fn, x, n):
@@ -141,7 +143,7 @@ def summarize_all(variants, samples, info, single: int, lab: bool) -> tuple[dict
 def run(args, device, dtype) -> dict:
     """The lab models on real images (see the module docstring)."""
     from adaptok.cost import macs
-    from adaptok.models.cfvit import exits, pick_eta
+    from adaptok.models.cfvit import confidence, exits, pick_eta
     from adaptok.train import create_model
 
     for k in DEFAULTS:
@@ -155,11 +157,13 @@ def run(args, device, dtype) -> dict:
     with torch.inference_mode():
         coarse, fine = (t.float() for t in model(x, stages=True))
         p14_top1 = 100.0 * float((timm14(x).argmax(-1) == y).double().mean())
-    eta, picked = operating_eta(args.results), "on train by repro/cfvit"
-    if eta is None or args.cfvit != DEFAULTS["cfvit"]:
+    ours = args.cfvit == DEFAULTS["cfvit"]
+    eta, half = (operating_eta(args.results, r) if ours else None for r in ("p14", "half"))
+    picked = "on train by repro/cfvit"
+    if eta is None or half is None:
         found = pick_eta(coarse, fine, y, p14_top1) or pick_eta(coarse, fine, y)
-        eta, picked = found["eta"], "on the benchmark images"
-    etas = [("0", 0.0), (f"{eta:.3g} (~P14)", eta), ("1", 1.0)]
+        eta, half, picked = found["eta"], float(confidence(coarse).median()), "on the benchmark images"
+    etas = [("0", 0.0), (f"{eta:.3g} (~P14)", eta), (f"{half:.3g} (half exit)", half), ("1", 1.0)]
     variants, info = variants_for(model, timm14, x, etas, args.single, macs(timm14))
     info["P14, timm"]["top1"] = p14_top1
     for name, r in info.items():

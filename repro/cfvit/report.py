@@ -6,10 +6,10 @@ Per seed, for the CF-ViT run (and the feature-reuse ablation where it ran):
 - both passes on every image of val and of train (evaluation transforms):
   coarse and fine logits to ``results/logits/`` (npz);
 - the eta curve on val from those outputs (:func:`adaptok.models.cfvit.eta_sweep`);
-- two operating points picked on **train**: the lowest eta whose train
+- three operating points picked on **train**: the lowest eta whose train
   top-1 reaches P14's (P14 of repro/deit_evit, same seed, evaluated on the
-  same train images), and the eta with the best train top-1; each then run
-  live on val (``adaptok.evaluate``: the early exit as it executes, GMACs
+  same train images), the eta with the best train top-1, and the eta at
+  which half the train images exit; each then run live on val (``adaptok.evaluate``: the early exit as it executes, GMACs
   as spent) and checked against the offline curve;
 - the selection ablation (the paper's Table 4) on the same weights: the
   fine-pass top-1 on val when the patches to re-split are chosen by the
@@ -35,11 +35,12 @@ sys.path.insert(0, os.path.join(HERE, "..", "deit_evit"))
 import adaptok  # noqa: E402
 from adaptok import data as lab_data  # noqa: E402
 from adaptok.evaluate import evaluate, plot  # noqa: E402
-from adaptok.models.cfvit import eta_sweep, pick_eta  # noqa: E402
+from adaptok.models.cfvit import confidence, eta_sweep, pick_eta  # noqa: E402
 from adaptok.train import create_model  # noqa: E402
 from run import commit, export_checkpoint, train_seconds  # noqa: E402  (repro/deit_evit/run.py)
 
 NAMES = {"cfvit": "CF-ViT", "cfvit_no_reuse": "CF-ViT without feature reuse"}
+RULES = {"best": "best top-1", "p14": "lowest eta reaching P14's top-1", "half": "half the images exit"}
 SELECTIONS = {"global": "global class attention (CF-ViT)", "last": "last block's class attention",
               "random": "random patches", "negative": "lowest global class attention"}
 
@@ -72,16 +73,29 @@ def top1_of(model, split: str, **kw) -> float:
 
 
 def curve(out: dict, etas, macs) -> list:
+    """The sweep's points; a point is labelled with its eta where it stands
+    apart from the last labelled one (5 % of the GMACs range)."""
     s = eta_sweep(out["coarse"], out["fine"], out["labels"], etas, macs)
-    return [{"eta": float(e), "top1": float(t), "gmacs": float(g), "exited": float(x), "label": f"{float(e):g}"}
-            for e, t, g, x in zip(s["eta"], s["top1"], s["gmacs"], s["exited"])]
+    pts = [{"eta": float(e), "top1": float(t), "gmacs": float(g), "exited": float(x)}
+           for e, t, g, x in zip(s["eta"], s["top1"], s["gmacs"], s["exited"])]
+    span, last = max(float(s["gmacs"].max() - s["gmacs"].min()), 1e-12), None
+    for p in pts:
+        if last is None or abs(p["gmacs"] - last) >= 0.05 * span:
+            p["label"], last = f"{p['eta']:g}", p["gmacs"]
+    return pts
 
 
 def operating_points(train: dict, p14_train_top1: float) -> dict:
-    """The etas picked on train: the most accurate, and the lowest reaching P14's top-1."""
+    """The etas picked on train: the most accurate, the lowest reaching
+    P14's top-1, and the one at which half the images exit."""
     out = {"best": {**pick_eta(train["coarse"], train["fine"], train["labels"])}}
     reach = pick_eta(train["coarse"], train["fine"], train["labels"], p14_train_top1)
     out["p14"] = ({"eta": None, "note": "no eta reaches P14's train top-1"} if reach is None else reach)
+    # Half the training images exit: a point inside the curve, where the live run really splits batches.
+    conf = confidence(train["coarse"])
+    half = float(conf.median())
+    out["half"] = {"eta": half, "top1": float(eta_sweep(train["coarse"], train["fine"], train["labels"], [half],
+                                                         (0, 0))["top1"][0])}
     for point in out.values():
         point["train_top1"] = point.pop("top1", None)
         point["p14_train_top1"] = p14_train_top1
@@ -160,9 +174,11 @@ def report(cfg: dict, base: dict, runs: str, finished) -> int:
               {"name": "EViT fine-tuned, keep 0.5-1.0", "points": deit[str(s)]["evit_ft_sweep"]}]
     for name, r in seed0["runs"].items():
         series.append({"name": f"{NAMES[name]}, eta {cfg['etas'][0]:g}-{cfg['etas'][-1]:g}", "points": r["curve"]})
+        shown = set()
         for key, point in r.get("operating", {}).items():
-            if "val" in point:
-                series.append({"name": f"{NAMES[name]}, live at eta {point['eta']:.3f} (picked on train)",
+            if "val" in point and point["eta"] not in shown:  # one marker per distinct eta
+                shown.add(point["eta"])
+                series.append({"name": f"{NAMES[name]}, live at eta {point['eta']:.3f} ({RULES[key]}, on train)",
                                "points": [point["val"]]})
     plot(series, os.path.join(results, "accuracy_vs_gmacs.png"),
          title=f"animal-mnist val (2,000 images), 6-block ViT width 64, seed {s}")
@@ -197,7 +213,7 @@ def table(per_seed: dict, deit: dict) -> str:
         d = deit.get(s, {})
         for name, r in out["runs"].items():
             for rule, p in r.get("operating", {}).items():
-                what = "lowest eta reaching P14's train top-1" if rule == "p14" else "best train top-1"
+                what = RULES[rule]
                 if p.get("eta") is None:
                     text += f"| {s} | {NAMES[name]} | {what} | none | – | – | – | – | – |\n"
                     continue
