@@ -470,3 +470,13 @@ def test_official_baseline_refuses_what_the_official_code_cannot_run():
     model.configure(selection="random")
     with pytest.raises(ValueError, match="selects by global class attention"):
         cfvit_official(model, images(2, dtype=torch.float32))
+
+
+def test_official_baseline_runs_bf16_on_the_cpu():
+    """The antialiased resize has no CPU bf16 kernel: the baseline resizes in
+    fp32, as adaptok does, and matches adaptok's bf16 coarse pass."""
+    model = make(torch.bfloat16)
+    x = images(3, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ours, official = model(x, eta=0.0), cfvit_official(model, x, 0.0)
+    torch.testing.assert_close(official.float(), ours.float(), rtol=0.05, atol=0.05)
