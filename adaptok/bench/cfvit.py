@@ -88,7 +88,7 @@ def variants_for(model, timm14, x, etas, single: int, p14_macs: float):
         m.eta = eta
         with torch.inference_mode():
             _, spent = m.forward_with_macs(x)
-            _, exited = m(x, return_exits=True)
+        exited = spent == m.stage_macs(x)[0]  # an image that exited spent the coarse pass only
         gm = float(spent.double().mean())
         for family, fn in (("adaptok", (lambda t, m=m: m(t))), ("baseline", (lambda t, e=eta: cfvit_official(model, t,
                                                                                                                 e)))):

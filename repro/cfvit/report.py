@@ -63,15 +63,6 @@ def stages(model, split: str) -> dict:
     return {"coarse": torch.cat(c), "fine": torch.cat(f), "labels": torch.cat(y)}
 
 
-@torch.no_grad()
-def top1_of(model, split: str, **kw) -> float:
-    right = n = 0
-    for images, labels in loader(split):
-        right += int((model(images, **kw).argmax(-1) == labels).sum())
-        n += len(labels)
-    return 100.0 * right / n
-
-
 def curve(out: dict, etas, macs) -> list:
     """The sweep's points; a point is labelled with its eta where it stands
     apart from the last labelled one (5 % of the GMACs range)."""
@@ -105,7 +96,8 @@ def operating_points(train: dict, p14_train_top1: float) -> dict:
 def evaluate_seed(cfg: dict, runs: str, results: str, seed: int, finished) -> dict:
     out = {"seed": seed, "runs": {}, "meta_etas": cfg["etas"]}
     p14_path = os.path.join(HERE, "..", "deit_evit", "checkpoints", f"p14-s{seed}.pth")
-    p14_train = top1_of(create_model(checkpoint=p14_path), "train") if os.path.exists(p14_path) else None
+    p14_train = (evaluate(create_model(checkpoint=p14_path), loader("train"), amp=False, warmup=0)["top1"]
+                 if os.path.exists(p14_path) else None)
     for name in cfg["runs"]:
         if not finished(name, seed):
             continue
@@ -143,9 +135,9 @@ def evaluate_seed(cfg: dict, runs: str, results: str, seed: int, finished) -> di
             r["selection"] = {}
             for sel, opts in cfg["selection_ablation"].items():
                 m = create_model(checkpoint=path).eval()
-                m.configure(**opts)
+                m.configure(**opts, eta=None)  # every image refined
                 torch.manual_seed(seed)
-                r["selection"][sel] = top1_of(m, "val", eta=None)
+                r["selection"][sel] = evaluate(m, loader("val"), amp=False, warmup=0)["top1"]
             export_checkpoint(path, os.path.join(HERE, "checkpoints", f"cfvit-s{seed}.pth"))
         out["runs"][name] = r
         print(f"{name}-s{seed}: coarse {r['coarse_top1']:.2f}, fine {r['fine_top1']:.2f}", flush=True)
