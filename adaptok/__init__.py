@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 import importlib
 
-from . import nn, ops
+from . import nn, ops, tuning
 from .backends import BACKENDS, BackendError, backend
 from .errors import UnsupportedModelError
 from .layout import TokenLayout
@@ -34,4 +34,4 @@ def __getattr__(name):
 
 __all__ = ["BACKENDS", "BackendError", "RaggedBatch", "TokenLayout", "UnsupportedModelError", "backend", "bench",
            "data", "evaluate", "keep_rate_schedule", "models", "nn", "ops", "patch", "timm_vit", "topk_select",
-           "train", "varlen_attention", "__version__"]
+           "train", "tuning", "varlen_attention", "__version__"]

@@ -28,6 +28,7 @@ Example::
 """
 from __future__ import annotations
 
+import functools
 import operator
 from typing import Optional, Sequence
 
@@ -39,12 +40,13 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from .errors import UnsupportedModelError
-from .layout import TokenLayout, grid_sides, host_grid
+from .layout import TokenLayout, grid_sides, host_grid, resize_images
 from .models import evit
 from .models.evit import KeepRate
-from .nn.attention import packed_attention, runs
-from .nn.layout_aware import apply, is_layout_aware, per_sequence
+from .nn.attention import ATTENTION, attention_path, dense_attention, packed_attention, runs
+from .nn.layout_aware import LayoutAware, apply, is_layout_aware, per_sequence
 from .nn.norm import TokenLengthLayerNorm
+from .nn.patch_embed import embed_patches
 from .nn.prune import evit_select, pruned_length
 from .ragged import RaggedBatch
 
@@ -63,7 +65,29 @@ _LAYOUT_NORM_SLOTS = ("norm", "norm1", "norm2")
 class AdaptiveAttention(Attention):
     """timm ``Attention`` that also runs on packed ragged batches
     (:meth:`forward_packed`) and returns the class attention EViT ranks
-    tokens with. On ``[B, N, C]`` tensors it is timm's module unchanged."""
+    tokens with. On ``[B, N, C]`` tensors it is timm's module, with the
+    attention formulation chosen per shape (:meth:`forward`)."""
+
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        """timm's forward on ``x [B, N, C]``, with the formulation timm
+        would use, fused SDPA or explicit matmuls, chosen per shape without a
+        mask (:func:`adaptok.nn.attention.attention_path`: measured in bf16
+        on the CPU, SDPA elsewhere). Where SDPA is chosen it is timm's own
+        code, unchanged."""
+        # Cheap tests first: this runs in every block of parity mode.
+        if attn_mask is None and not is_causal and self.fused_attn and x.dim() == 3 and (
+                x.dtype is torch.bfloat16 or ATTENTION.forced() is not None or torch.is_autocast_enabled("cpu")):
+            dtype = x.dtype
+            if dtype is torch.float32 and torch.is_autocast_enabled("cpu"):
+                dtype = torch.get_autocast_dtype("cpu")
+            B, N, _ = x.shape
+            path = attention_path(x, dtype, B, self.num_heads, N, self.head_dim, False,
+                                  self.attn_drop.p if self.training else 0.0)
+            if path != "sdpa":
+                out, _ = self._attend_tokens(x.reshape(B * N, -1), lambda q, k, v, dropout: dense_attention(
+                    q, k, v, ((0, B, N),), self.scale, dropout))
+                return out.view(B, N, -1)
+        return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
 
     def forward_packed(self, h: Tensor, x: RaggedBatch, need_cls: bool = False):
         """Attention within each sequence of ``x``.
@@ -78,12 +102,17 @@ class AdaptiveAttention(Attention):
         Returns:
             ``(out [T, C], cls_attn [T] or None)``.
         """
+        return self._attend_tokens(h, lambda q, k, v, dropout: packed_attention(q, k, v, x, self.scale, dropout,
+                                                                                 need_cls))
+
+    def _attend_tokens(self, h: Tensor, attend):
+        """timm's attention around ``attend(q, k, v [T, H, D], dropout) ->
+        (out [T, H * D], cls_attn or None)`` on tokens ``h [T, C]``."""
         T = h.shape[0]
         gate = self.gate(h).sigmoid() if self.gate is not None else None
         q, k, v = self.qkv(h).view(T, 3, self.num_heads, self.head_dim).unbind(1)
         q, k = self.q_norm(q), self.k_norm(k)
-        dropout = self.attn_drop.p if self.training else 0.0
-        out, cls_attn = packed_attention(q, k, v, x, self.scale, dropout, need_cls)
+        out, cls_attn = attend(q, k, v, self.attn_drop.p if self.training else 0.0)
         out = self.norm(out)
         if gate is not None:
             out = out * gate
@@ -101,8 +130,9 @@ class AdaptiveBlock(Block):
     ``fuse`` (append the fused inattentive token), ``num_prefix_tokens``
     (the CLS and other prefix tokens, never pruned) and ``parity`` (the
     model has no keep rate: a uniform batch runs timm's own ``forward``,
-    exactly; otherwise every block takes adaptok's attention path, chosen
-    per shape by :func:`adaptok.nn.attention.matmul_attention_pays`).
+    exactly, its attention in the timm formulation measured faster for the
+    shape; otherwise every block takes adaptok's attention path). Both
+    choose per shape with :func:`adaptok.nn.attention.attention_path`.
     ``norm1`` and ``norm2`` may be :class:`adaptok.nn.LayoutAware` modules
     (:class:`adaptok.nn.TokenLengthLayerNorm`): they get the packed layout.
     """
@@ -115,13 +145,13 @@ class AdaptiveBlock(Block):
     def forward(self, x, attn_mask: Optional[Tensor] = None, is_causal: bool = False):
         """``x``: a :class:`RaggedBatch` of ``[T, C]`` tokens, or a ``[B, N, C]``
         tensor (what timm passes; a pruning block returns ``[B, N', C]``)."""
+        if x.__class__ is not RaggedBatch and self.keep_rate is None and not self.layout_aware:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)  # parity mode's hot path
         if isinstance(x, RaggedBatch):
             if x.is_uniform and self.keep_rate is None and self.parity and not self.layout_aware:
                 dense = x.values.view(x.batch_size, x.max_seqlen, -1)
                 return x.with_values(super().forward(dense).view_as(x.values))
             return self._forward_packed(x)
-        if self.keep_rate is None and not self.layout_aware:
-            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         if attn_mask is not None or is_causal:
             raise UnsupportedModelError("a pruning block (keep_rate set) or one with layout-aware norms cannot take "
                                         "attn_mask or is_causal")
@@ -138,7 +168,8 @@ class AdaptiveBlock(Block):
     @property
     def layout_aware(self) -> bool:
         """Whether a norm of this block needs the packed layout."""
-        return is_layout_aware(self.norm1) or is_layout_aware(self.norm2)
+        modules = self._modules  # not nn.Module.__getattr__: this runs in every block call
+        return isinstance(modules["norm1"], LayoutAware) or isinstance(modules["norm2"], LayoutAware)
 
     def _forward_packed(self, x: RaggedBatch, need_cls: bool = False):
         """The block on packed tokens; with ``need_cls``, also its attention's
@@ -248,7 +279,7 @@ class AdaptiveViTMixin:
         with the model's patch projection and norm (timm's check of the
         image size is what this skips). ``grid``: the images' grid, for a
         family with a patch embedding per length."""
-        return self.patch_embed.norm(self.patch_embed.proj(images).flatten(2).transpose(1, 2))
+        return embed_patches(self.patch_embed, images)
 
     def prefix_count(self, grid: int) -> int:
         """Prefix tokens (class, distillation, register) of a sequence at
@@ -287,7 +318,11 @@ class AdaptiveViTMixin:
             order.
         """
         if grid is None:
-            patches = self.patch_embed(x)
+            pe = self.patch_embed
+            # timm's module where it pads, checks or keeps NHWC; the measured
+            # projection where it is the plain map of the model's image size
+            plain = pe.flatten and not pe.dynamic_img_pad and tuple(x.shape[-2:]) == tuple(pe.img_size or ())
+            patches = embed_patches(pe, x) if plain else pe(x)
             if patches.dim() == 4:  # NHWC (dynamic image size)
                 hw = tuple(patches.shape[1:3])
                 patches = patches.flatten(1, 2)
@@ -331,28 +366,60 @@ class AdaptiveViTMixin:
     # read (_PARITY_HOOKS) is taken to say no, unless it sets this itself.
     timm_parity = True
     _PARITY_HOOKS = ("embed", "_patchify", "_prefix_and_pos", "prefix_count", "_forward_tokens", "forward_head",
-                     "forward_features", "_head")
+                     "forward_features", "_head", "_dense_features")
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if "timm_parity" not in cls.__dict__ and any(h in cls.__dict__ for h in AdaptiveViTMixin._PARITY_HOOKS):
             cls.timm_parity = False
 
-    def _runs_as_timm(self, x: Tensor, grid) -> bool:
-        """Whether this call is timm's forward exactly: every image at the
-        model's own grid and size, no keep rate, no layout-aware norm. Such
-        a call runs timm's own code, with none of the packing's host work
-        (which decides batch-size-1 latency)."""
-        if not self.timm_parity or self._adaptok_keep_rate is not None or self._layout_aware():
-            return False
+    def _dense_route(self, x: Tensor, grid):
+        """How a call runs when every image runs one grid and nothing needs
+        the packed layout (no keep rate, no layout-aware norm, a model that
+        makes and reads tokens as timm does): ``"timm"`` (the model's own
+        grid and image size: timm's own forward), an int ``g`` (one int
+        ``grid=g``: timm's forward as at ``g``'s resolution, dense
+        ``[B, N, C]`` from embedding to head, :meth:`_dense_features`), or
+        None (the packed path). The dense routes skip the packing's host
+        work, which decides batch-size-1 latency. A per-image grid list
+        always takes the packed path."""
+        if grid is not None and (grid.__class__ is not int or grid < 1):
+            return None
         if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[0] == 0:
-            return False
-        if grid is None:
-            return True
-        if isinstance(grid, int) and not isinstance(grid, bool):
-            gh, gw = self.patch_embed.grid_size
-            return grid == gh == gw and tuple(x.shape[-2:]) == tuple(self.patch_embed.img_size)
-        return False
+            return None
+        if not self.timm_parity or self._adaptok_keep_rate is not None or self._layout_aware():
+            return None
+        gh, gw = self.patch_embed.grid_size
+        if grid is None or (grid == gh == gw and tuple(x.shape[-2:]) == tuple(self.patch_embed.img_size)):
+            return "timm"
+        return grid if gh == gw else None  # grid= on a rectangular grid: the packed path names the error
+
+    def _dense_features(self, x: Tensor, g: int) -> Tensor:
+        """Final tokens ``[B, N, C]`` of images ``x [B, 3, H, W]``, every one
+        resized to grid ``g``: the embedding as the packed path makes it
+        (:func:`adaptok.layout.resize_images`, :meth:`_patchify`, the cached
+        tables of :meth:`_prefix_and_pos`, the dtype promotion of
+        :meth:`adaptok.layout.TokenLayout.pack`), then timm's modules on the
+        dense tensor."""
+        ph, pw = self.patch_embed.patch_size
+        patches = self._patchify(resize_images(x, (g * ph, g * pw)), g)
+        prefix, pos = self._prefix_and_pos((g, g))
+        dtype = functools.reduce(torch.promote_types, [t.dtype for t in (patches, prefix, pos) if t is not None])
+        h = patches.to(dtype) if pos is None else patches.to(dtype) + pos.to(dtype)
+        if prefix is not None:
+            h = torch.cat([prefix.to(dtype).expand(h.shape[0], -1, -1), h], dim=1)
+        if self.pos_embed is not None:  # timm applies pos_drop only with a position table
+            h = self.pos_drop(h)
+        h = self.norm_pre(self.patch_drop(h))
+        return self.norm(self._run_blocks(h))
+
+    def _run_blocks(self, h):
+        """Every block on ``h`` (a ``[B, N, C]`` tensor or a
+        :class:`RaggedBatch`), checkpointed in training when enabled."""
+        checkpoint = self.grad_checkpointing and self.training and not torch.jit.is_scripting()
+        for blk in self.blocks:
+            h = torch.utils.checkpoint.checkpoint(blk, h, use_reentrant=False) if checkpoint else blk(h)
+        return h
 
     def _forward_tokens(self, x: Tensor, grid) -> tuple[RaggedBatch, TokenLayout]:
         aware = self._layout_aware()
@@ -360,10 +427,7 @@ class AdaptiveViTMixin:
         # Parity on a uniform batch: every block is timm's on the [B, N, C]
         # view, so the blocks take that tensor (no per-block RaggedBatch).
         dense = self._adaptok_keep_rate is None and batch.is_uniform and not aware
-        h = batch.values.view(batch.batch_size, batch.max_seqlen, -1) if dense else batch
-        checkpoint = self.grad_checkpointing and self.training and not torch.jit.is_scripting()
-        for blk in self.blocks:
-            h = torch.utils.checkpoint.checkpoint(blk, h, use_reentrant=False) if checkpoint else blk(h)
+        h = self._run_blocks(batch.values.view(batch.batch_size, batch.max_seqlen, -1) if dense else batch)
         out = batch.with_values(h.reshape(batch.values.shape)) if dense else h
         return out.with_values(apply(self.norm, out.values, out)), layout
 
@@ -376,8 +440,11 @@ class AdaptiveViTMixin:
             self._plain_only("attn_mask or is_causal", grid)
             return super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
         self._check_not_traced()
-        if self._runs_as_timm(x, grid):
+        route = self._dense_route(x, grid)
+        if route == "timm":
             return super().forward_features(x)
+        if route is not None:
+            return self._dense_features(x, route)
         if isinstance(x, Tensor) and x.dim() == 4 and x.shape[0] == 0:
             return self._empty_features(x, grid)
         batch, layout = self._forward_tokens(x, grid)
@@ -409,8 +476,11 @@ class AdaptiveViTMixin:
             self._plain_only("attn_mask or is_causal", grid)
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         self._check_not_traced()
-        if self._runs_as_timm(x, grid):
+        route = self._dense_route(x, grid)
+        if route == "timm":
             return super().forward(x)
+        if route is not None:
+            return self.forward_head(self._dense_features(x, route))
         if isinstance(x, Tensor) and x.dim() == 4 and x.shape[0] == 0:  # what timm returns: [0, classes]
             return self.forward_head(self._empty_features(x, grid))
         batch, layout = self._forward_tokens(x, grid)

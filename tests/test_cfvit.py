@@ -474,15 +474,22 @@ def test_official_baseline_refuses_what_the_official_code_cannot_run():
 
 def test_official_baseline_runs_bf16_on_the_cpu():
     """The antialiased resize has no CPU bf16 kernel: the baseline resizes in
-    fp32, as adaptok does, and matches adaptok's bf16 coarse pass (bf16's
-    default tolerances; on this CPU both run the same ops, equal bit for bit),
-    and both stay within bf16 rounding of the fp32 model."""
+    fp32, as adaptok does, and matches adaptok's bf16 coarse pass in the same
+    attention formulation (bf16's default tolerances; on this CPU both run
+    the same ops, equal bit for bit), and both, and adaptok's measured
+    formulation, stay within bf16 rounding of the fp32 model."""
+    from adaptok.nn.attention import ATTENTION
+
     model = make(torch.bfloat16)
     x = images(3, dtype=torch.bfloat16)
     with torch.no_grad():
-        ours, official = model(x, eta=0.0), cfvit_official(model, x, 0.0)
+        with ATTENTION.force("matmul"):  # the official code's formulation (adaptok measures which one it runs)
+            ours = model(x, eta=0.0)
+        official = cfvit_official(model, x, 0.0)
+        measured = model(x, eta=0.0)
         exact = model.float()(x.float(), eta=0.0)
     assert official.dtype == torch.bfloat16
     torch.testing.assert_close(official, ours)
+    torch.testing.assert_close(measured.float(), exact, rtol=0, atol=0.1)
     # 4 blocks of bf16 rounding (eps 2^-8) on logits of magnitude ~4: a few hundredths.
     torch.testing.assert_close(official.float(), exact, rtol=0, atol=0.1)

@@ -5,6 +5,7 @@ non-finite, empty batches and low-precision resizes work, TorchScript is
 refused with the alternatives, kernels not yet validated on a GPU are never
 chosen automatically on CUDA tensors, and the benchmark plot's labels are
 readable."""
+import copy
 import json
 import math
 import re
@@ -275,6 +276,28 @@ def test_torch_export_matches_eager(mode):
     torch.testing.assert_close(program.module()(x, **kwargs), model(x, **kwargs))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("mode", ["parity", "evit", "one-grid"])
+def test_torch_compile_fullgraph_matches_eager(mode, dtype):
+    """The other alternative the refusal names: torch.compile traces parity
+    mode, a fixed keep rate and one int grid as a single graph (the
+    measured choices are not timed while compiling)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = adaptok.patch(tiny().to(dtype), keep_rate=0.5 if mode == "evit" else None, prune_layers=(1,))
+    x = torch.randn(3, 3, 64, 64).to(dtype)
+    kwargs = {"grid": 2} if mode == "one-grid" else {}
+    with torch.no_grad(), adaptok.nn.attention.ATTENTION.force("matmul"):  # one formulation in both runs
+        compiled = torch.compile(model, fullgraph=True, backend="eager")(x, **kwargs)
+        eager = model(x, **kwargs)
+    assert counters["stats"]["unique_graphs"] == 1
+    # bf16: the compiled graph may round intermediate values differently (a few bf16 ulps on logits ~0.01)
+    tol = {} if dtype == torch.float32 else dict(rtol=0.05, atol=5e-3)
+    torch.testing.assert_close(compiled, eager, **tol)
+
+
 # ------------------------------------------- no unvalidated kernel on CUDA
 
 
@@ -387,35 +410,117 @@ def test_benchmark_plot_labels_do_not_overlap(tmp_path):
             assert not boxes[i].overlaps(boxes[j]), (names[i], names[j])
 
 
+def test_paired_median_interval_brackets_the_median():
+    """The 95 % interval of a paired median comes from order statistics:
+    with n = 100 ratios 1, 2, ..., 100 it spans ranks 40 to 61."""
+    from adaptok.bench.e2e import paired
+
+    r = paired([float(i) for i in range(1, 101)], [1.0] * 100)
+    assert r["median"] == 50.5 and r["ci95"] == [40.0, 61.0] and r["n"] == 100
+    assert paired([2.0], [1.0])["ci95"] == [2.0, 2.0]
+
+
+@pytest.mark.parametrize("median, ci, state", [(0.98, [0.97, 0.99], "met"), (1.01, [0.99, 1.03], "tie"),
+                                               (1.03, [1.02, 1.04], "missed")], ids=["faster", "tie", "slower"])
+def test_batch_size_1_targets_count_ties_within_the_interval(median, ci, state):
+    from adaptok.bench.e2e import target_lines, targets
+
+    rep = {"results": [{"variant": n, "images_per_s": 1.0, "single_ms_per_image": 1.0} for n in
+                       ("timm", "EViT 0.7 adaptok", "EViT 0.7 public code", "mix packed adaptok")],
+           "keep_rate": 0.7, "paired_single": {"adaptok parity/timm": {"median": median, "ci95": ci}}}
+    row = targets(rep, gpu=False)[-1]
+    assert (row["met"], row["tie"]) == {"met": (True, False), "tie": (True, True), "missed": (False, False)}[state]
+    line = target_lines([row])[1]
+    assert line.split()[0] == {"met": "met", "tie": "tie", "missed": "MISSED"}[state] and "95 % CI" in line
+
+
 # ------------------------------------------- attention path chosen per shape
 
 
-@pytest.mark.parametrize("keep_rate", [None, 0.5], ids=["mixed-grid", "evit"])
-def test_bf16_matmul_attention_path_matches_sdpa(monkeypatch, keep_rate):
-    """On the CPU in bf16, small attention runs as explicit matmuls
-    (measured faster than SDPA there); both paths give the fp32 model's
-    logits within bf16 error, and the same token selection."""
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+@pytest.mark.parametrize("device, dtype, sequences, n, grad, expected", [
+    ("cpu", torch.float32, 1, 197, False, "sdpa"),
+    ("cpu", torch.float64, 1, 50, False, "sdpa"),
+    ("cpu", torch.float16, 1, 50, False, "sdpa"),
+    ("meta", torch.bfloat16, 1, 197, False, "sdpa"),  # not the CPU: SDPA, as on CUDA
+    ("cpu", torch.bfloat16, 1, 197, False, None),  # not measured yet, and measurable: measure on this call
+    ("cpu", torch.bfloat16, 1, 197, True, "matmul"),  # autograd records it: not timed, the default for bf16
+    ("cpu", torch.bfloat16, 64, 577, False, "sdpa"),  # [64, 6, 577, 577] scores: over the memory bound
+], ids=["fp32", "fp64", "fp16", "not-cpu", "bf16-unmeasured", "bf16-autograd", "bf16-too-large"])
+def test_attention_path_rules(device, dtype, sequences, n, grad, expected):
     from adaptok.nn import attention
 
-    assert attention.matmul_attention_pays(torch.device("cpu"), torch.bfloat16, 1, 6, 197)
-    assert not attention.matmul_attention_pays(torch.device("cpu"), torch.float32, 1, 6, 197)
-    assert not attention.matmul_attention_pays(torch.device("cuda"), torch.bfloat16, 1, 6, 197)
-    assert attention.matmul_attention_pays(torch.device("cpu"), torch.bfloat16, 64, 6, 197)
-    assert not attention.matmul_attention_pays(torch.device("cpu"), torch.bfloat16, 64, 6, 577)
+    attention.ATTENTION.clear()
+    x = torch.zeros(1, device=device, requires_grad=grad)
+    assert attention.attention_path(x, dtype, sequences, 6, n, 64) == expected
+    for forced in attention.ATTENTION.options:
+        with attention.ATTENTION.force(forced):
+            assert attention.attention_path(x, dtype, sequences, 6, n, 64) == forced
+
+
+def test_attention_path_is_measured_once_per_shape_bucket():
+    """The first measurable bf16 call of a shape times both formulations and
+    keeps one; batch sizes of one power-of-2 bucket share it."""
+    from adaptok.nn import attention
+
+    attention.ATTENTION.clear()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3 * 20, 2, 16, generator=g).bfloat16() for _ in range(3))
+    out, cls = attention.dense_attention(q, k, v, [(0, 3, 20)], 0.25, need_cls=True)
+    (key, chosen), = attention.ATTENTION.measured().items()
+    assert key == (4, 2, 20, 16, True) and chosen in attention.ATTENTION.options
+    x = torch.zeros(1)
+    assert attention.attention_path(x, torch.bfloat16, 4, 2, 20, 16, True) == chosen
+    assert attention.attention_path(x, torch.bfloat16, 5, 2, 20, 16, True) is None  # the next bucket
+    with attention.ATTENTION.force(chosen):
+        again, cls_again = attention.dense_attention(q, k, v, [(0, 3, 20)], 0.25, need_cls=True)
+    assert torch.equal(out, again) and torch.equal(cls, cls_again)  # the measured call returned its choice's result
+
+
+@pytest.mark.parametrize("keep_rate", [None, 0.5], ids=["mixed-grid", "evit"])
+def test_bf16_attention_paths_agree(keep_rate):
+    """Both bf16 formulations give the fp32 model's logits within bf16
+    error, and each other's."""
+    from adaptok.nn.attention import ATTENTION
+
     x = torch.randn(3, 3, 64, 64)
     grid = [2, 4, 3] if keep_rate is None else None
     expected = adaptok.patch(tiny(), keep_rate=keep_rate, prune_layers=(1,))(x, grid=grid)
     model = adaptok.patch(tiny().to(torch.bfloat16), keep_rate=keep_rate, prune_layers=(1,))
-    matmul = model(x.bfloat16(), grid=grid)
-    monkeypatch.setattr(attention, "MATMUL_ATTENTION_MAX_SCORES", 0)
-    monkeypatch.setattr(attention, "MATMUL_ATTENTION_MAX_TOKENS", 0)
-    sdpa = model(x.bfloat16(), grid=grid)
-    for out in (matmul, sdpa):
-        torch.testing.assert_close(out.float(), expected, rtol=0.1, atol=0.1)
-    torch.testing.assert_close(matmul.float(), sdpa.float(), rtol=0.05, atol=0.05)
+    outs = {}
+    for path in ATTENTION.options:
+        with ATTENTION.force(path):
+            outs[path] = model(x.bfloat16(), grid=grid).float()
+        torch.testing.assert_close(outs[path], expected, rtol=0.1, atol=0.1)
+    torch.testing.assert_close(outs["matmul"], outs["sdpa"], rtol=0.05, atol=0.05)
 
 
-def test_matmul_path_class_attention_equals_sdpa_path(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_parity_attention_is_timms_own_formulation(dtype):
+    """In parity mode each formulation is exactly timm's: the matmul path
+    equals timm with ``fused_attn=False`` bit for bit, the SDPA path timm's
+    default, in bf16 (where the choice is measured) and when forced in
+    fp32."""
+    from adaptok.nn.attention import ATTENTION
+
+    model = tiny().to(dtype)
+    unfused = copy.deepcopy(model)
+    for blk in unfused.blocks:
+        blk.attn.fused_attn = False
+    patched = adaptok.patch(copy.deepcopy(model))
+    x = torch.randn(2, 3, 64, 64).to(dtype)
+    with torch.inference_mode():
+        with ATTENTION.force("matmul"):
+            assert torch.equal(patched(x), unfused(x))
+        with ATTENTION.force("sdpa"):
+            assert torch.equal(patched(x), model(x))
+        measured = patched(x)
+    assert torch.equal(measured, model(x)) or torch.equal(measured, unfused(x))
+
+
+def test_matmul_path_class_attention_equals_sdpa_path():
     """The CLS rows read off the matmul path's probabilities equal the ones
     the SDPA path recomputes (fp32 statistics, bf16 inputs)."""
     from adaptok.nn import attention
@@ -423,11 +528,11 @@ def test_matmul_path_class_attention_equals_sdpa_path(monkeypatch):
     g = torch.Generator().manual_seed(0)
     lengths = (17, 17, 5)
     q, k, v = (torch.randn(sum(lengths), 2, 16, generator=g).bfloat16() for _ in range(3))
-    x = RaggedBatch.from_list([torch.zeros(n, 1) for n in lengths])
-    out_m, cls_m = attention._dense_runs(q, k, v, x, 0.25, 0.0, True)
-    monkeypatch.setattr(attention, "MATMUL_ATTENTION_MAX_SCORES", 0)
-    monkeypatch.setattr(attention, "MATMUL_ATTENTION_MAX_TOKENS", 0)
-    out_s, cls_s = attention._dense_runs(q, k, v, x, 0.25, 0.0, True)
+    spans = attention.runs(lengths)
+    with attention.ATTENTION.force("matmul"):
+        out_m, cls_m = attention.dense_attention(q, k, v, spans, 0.25, 0.0, True)
+    with attention.ATTENTION.force("sdpa"):
+        out_s, cls_s = attention.dense_attention(q, k, v, spans, 0.25, 0.0, True)
     torch.testing.assert_close(cls_m, cls_s, rtol=2e-2, atol=1e-3)
     torch.testing.assert_close(out_m.float(), out_s.float(), rtol=2e-2, atol=2e-2)
     assert cls_m.dtype == cls_s.dtype == torch.float32

@@ -167,20 +167,48 @@ def test_a_call_at_the_models_own_grid_runs_timms_code(monkeypatch):
     assert torch.equal(patched(x), expected) and torch.equal(patched(x, grid=14), expected)
     assert torch.equal(patched.forward_features(x), model.forward_features(x))
     with pytest.raises(AssertionError, match="packed path taken"):
-        patched(x, grid=[14, 14])
-    with pytest.raises(AssertionError, match="packed path taken"):
-        patched(resize_images(x, (112, 112)), grid=14)  # other sizes are resized by the packed path
+        patched(x, grid=[14, 14])  # a per-image list takes the packed path
     patched.keep_rate = 0.7
     with pytest.raises(AssertionError, match="packed path taken"):
         patched(x)
 
 
-def test_parity_under_autocast(device):
+def test_one_int_grid_runs_dense_as_timm_at_that_resolution(monkeypatch):
+    """grid=g for every image, no keep rate: no packing, timm's modules on
+    the dense tensor as timm runs a model made for g's resolution (the
+    resize inside the call); the packed path computes the same."""
+    from adaptok.bench.baselines import at_grid
+
+    model, patched = pair("deit_tiny_patch16_224", "cpu", torch.float64)
+    x = images(model, 3, "cpu", torch.float64)
+    with torch.no_grad():
+        packed = {g: patched(x, grid=[g] * 3) for g in (7, 14)}
+        packed_features = patched.forward_features(x, grid=[7] * 3)
+        monkeypatch.setattr(type(patched), "_forward_tokens", lambda *a, **k: pytest.fail("packed path taken"))
+        for g in (7, 14):
+            dense = patched(x, grid=g)
+            torch.testing.assert_close(dense, at_grid(model, g)(resize_images(x, (16 * g, 16 * g))), rtol=1e-10,
+                                       atol=1e-10)
+            torch.testing.assert_close(dense, packed[g], rtol=1e-10, atol=1e-10)
+        small = resize_images(x, (112, 112))  # the model's grid from other image sizes: resized, dense
+        torch.testing.assert_close(patched(small, grid=14), model(resize_images(small, (224, 224))), rtol=1e-10,
+                                   atol=1e-10)
+        torch.testing.assert_close(patched.forward_features(x, grid=7), packed_features, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("path", ["sdpa", "matmul"])
+def test_parity_under_autocast(device, path):
     """timm's stream is fp32 under autocast (bf16 patches + fp32 positions
-    promote); the patched model must compute the same."""
+    promote); the patched model must compute the same, in either of timm's
+    attention formulations (the one it would run is measured per shape)."""
+    from adaptok.nn.attention import ATTENTION
+
     model, patched = pair("deit_small_patch16_224", device)
+    if path == "matmul":
+        for blk in model.blocks:
+            blk.attn.fused_attn = False
     x = images(model, 2, device)
-    with torch.autocast(device, dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16), ATTENTION.force(path):
         expected, actual = model(x), patched(x)
         packed = patched(x, grid=[14, 14])  # the packed path at the model's own grid
         patched.keep_rate = 0.7
@@ -207,6 +235,15 @@ def test_parity_in_training_with_dropout(name):
     torch.manual_seed(3)
     packed = patched(x, grid=[g, g])  # the packed path at the model's own grid draws alike too
     torch.testing.assert_close(packed, expected, rtol=0, atol=1e-5)
+    from adaptok.bench.baselines import at_grid
+
+    small = at_grid(model, g // 2)
+    x_small = resize_images(x, tuple(small.patch_embed.img_size))
+    torch.manual_seed(3)
+    expected = small(x_small)
+    torch.manual_seed(3)
+    dense = patched(x, grid=g // 2)  # one int grid: the dense route draws as timm at that resolution
+    torch.testing.assert_close(dense, expected, rtol=0, atol=1e-5)
 
 
 def test_state_dict_keys_unchanged_and_loadable():

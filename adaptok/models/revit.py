@@ -49,6 +49,7 @@ from ..cost import macs
 from ..errors import UnsupportedModelError
 from ..layout import host_grid
 from ..nn.attention import runs
+from ..nn.patch_embed import embed_patches
 from ..ragged import RaggedBatch
 from ..routing import Router, cheapest_correct, save_labels  # noqa: F401  (save_labels: ReViT's labels file)
 from ..timm_vit import AdaptiveVisionTransformer, AdaptiveViTMixin
@@ -147,7 +148,7 @@ class ReViT(AdaptiveVisionTransformer):
     def _patchify(self, images: Tensor, grid=None) -> Tensor:
         embed = self.patch_embeds[str(grid)] if grid is not None and str(grid) in self.patch_embeds else \
             self.patch_embed
-        return embed.norm(embed.proj(images).flatten(2).transpose(1, 2))
+        return embed_patches(embed, images)
 
     # ------------------------------------------------------------- head
 
