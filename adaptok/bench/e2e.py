@@ -5,6 +5,9 @@ is given) run with adaptok, next to what users run without it, in one run.
 Variants, each at the batch size and at batch size 1:
 
 - ``timm``: the unpatched model;
+- ``timm, second copy``: the A/A control, a copy of the same model timed
+  like every variant (its ratio to ``timm`` is what "the same work"
+  measures as in the run);
 - ``adaptok parity``: ``adaptok.patch(model)``, the same computation;
 - ``EViT adaptok``: ``adaptok.patch(model, keep_rate=...)``;
 - ``EViT public code``: the same EViT computed as its public code does
@@ -52,6 +55,11 @@ from adaptok.bench.timing import environment, steady_allocator, summarize, synch
 from adaptok.cost import macs
 from adaptok.devices import cpu_has_bf16, default_device
 from adaptok.layout import mixed_grids
+
+
+# The A/A control: a second copy of the timm model, timed like every variant.
+# Its ratio to timm shows what "the same work" measures as in this run.
+CONTROL = "timm, second copy"
 
 
 @dataclass
@@ -103,12 +111,15 @@ def build(args, device: torch.device, dtype: torch.dtype) -> list[Variant]:
     def evit_public(x):
         return baselines.evit_public(model, x, keep_rate=kr)
 
+    twin = copy.deepcopy(model)  # the A/A control: timm against itself, its weights elsewhere in memory
     if args.compile:
-        model, parity, evit, evit_public, padded = (torch.compile(f) for f in (model, parity, evit, evit_public, padded))
+        model, twin, parity, evit, evit_public, padded = (torch.compile(f) for f in
+                                                          (model, twin, parity, evit, evit_public, padded))
         for s in (separate, coarse):
             s.models = {k: torch.compile(m) for k, m in s.models.items()}
     return [
         Variant("timm", "timm", lambda: model(x), lambda: model(one), args.batch, 1, full_macs),
+        Variant(CONTROL, "control", lambda: twin(x), lambda: twin(one), args.batch, 1, full_macs),
         Variant("adaptok parity", "adaptok", lambda: parity(x), lambda: parity(one), args.batch, 1, full_macs),
         Variant(f"EViT {kr} adaptok", "adaptok", lambda: evit(x), lambda: evit(one), args.batch, 1, evit_macs),
         Variant(f"EViT {kr} public code", "baseline", lambda: evit_public(x), lambda: evit_public(one), args.batch, 1,
@@ -194,6 +205,8 @@ def report(args, device, dtype, variants: list[Variant], samples: dict, peak: fl
            "matmul_tflops_by_size": {str(n): f / 1e12 for n, f in peak["by_size"].items()}, "results": results}
     out["paired_single"] = {f"{a}/{b}": paired(samples[(a, "single")], samples[(b, "single")])
                             for a, b in single_pairs(variants)}
+    if (CONTROL, "single") in samples:
+        out["control_single"] = paired(samples[(CONTROL, "single")], samples[("timm", "single")])
     out["measured_choices"] = {name: {str(key): option for key, option in choices.items()}
                                for name, choices in tuning.measured().items() if choices}
     out["targets"] = targets(out, device.type == "cuda")
@@ -282,7 +295,10 @@ def table(rep: dict) -> str:
                      f"{base['single_ms_per_image'] / r['single_ms_per_image']:10.2f}x")
     lines.append(f"batch size 1, per-round latency ratios (median, IQR, 95 % CI of the median; "
                  f"{next(iter(rep['paired_single'].values()))['n']} rounds):")
-    for key, ratio in rep["paired_single"].items():
+    pairs = list(rep["paired_single"].items())
+    if "control_single" in rep:
+        pairs.append((f"{CONTROL}/timm (A/A control)", rep["control_single"]))
+    for key, ratio in pairs:
         lo, hi = ratio["ci95"]
         lines.append(f"  {key:42s} {ratio['median']:.3f} ({ratio['q1']:.3f}-{ratio['q3']:.3f}; CI {lo:.3f}-{hi:.3f})")
     if rep.get("measured_choices"):
@@ -346,8 +362,9 @@ def plot(rep: dict, path: str) -> list:
 
     colors = {"timm": "tab:gray", "adaptok": "tab:blue", "baseline": "tab:orange"}
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    points = [(r["gmacs_per_image"], r["images_per_s"]) for r in rep["results"]]
-    for r, (x, y) in zip(rep["results"], points):
+    results = [r for r in rep["results"] if r["family"] in colors]  # not the A/A control
+    points = [(r["gmacs_per_image"], r["images_per_s"]) for r in results]
+    for r, (x, y) in zip(results, points):
         ax.scatter(x, y, color=colors[r["family"]], s=40)
     for family, color in colors.items():
         ax.scatter([], [], color=color, label=family)
@@ -361,7 +378,7 @@ def plot(rep: dict, path: str) -> list:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
-    boxes = _place_labels(ax, points, [r["variant"] for r in rep["results"]])
+    boxes = _place_labels(ax, points, [r["variant"] for r in results])
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return boxes
