@@ -128,11 +128,11 @@ class AdaptiveBlock(Block):
 
     Attributes set by :func:`patch`: ``keep_rate`` (None: no pruning),
     ``fuse`` (append the fused inattentive token), ``num_prefix_tokens``
-    (the CLS and other prefix tokens, never pruned) and ``parity`` (the
-    model has no keep rate: a uniform batch runs timm's own ``forward``,
-    exactly, its attention in the timm formulation measured faster for the
-    shape; otherwise every block takes adaptok's attention path). Both
-    choose per shape with :func:`adaptok.nn.attention.attention_path`.
+    (the CLS and other prefix tokens, never pruned). A block without a keep
+    rate runs timm's own ``forward`` on the dense view of a uniform batch
+    (its attention in the timm formulation measured faster for the shape,
+    :func:`adaptok.nn.attention.attention_path`), and adaptok's packed path
+    otherwise.
     ``norm1`` and ``norm2`` may be :class:`adaptok.nn.LayoutAware` modules
     (:class:`adaptok.nn.TokenLengthLayerNorm`): they get the packed layout.
     """
@@ -140,7 +140,6 @@ class AdaptiveBlock(Block):
     keep_rate: Optional[float] = None
     fuse: bool = True
     num_prefix_tokens: int = 1
-    parity: bool = True
 
     def forward(self, x, attn_mask: Optional[Tensor] = None, is_causal: bool = False):
         """``x``: a :class:`RaggedBatch` of ``[T, C]`` tokens, or a ``[B, N, C]``
@@ -148,7 +147,7 @@ class AdaptiveBlock(Block):
         if x.__class__ is not RaggedBatch and self.keep_rate is None and not self.layout_aware:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)  # parity mode's hot path
         if isinstance(x, RaggedBatch):
-            if x.is_uniform and self.keep_rate is None and self.parity and not self.layout_aware:
+            if x.is_uniform and self.keep_rate is None and not self.layout_aware:  # timm's block on the dense view
                 dense = x.values.view(x.batch_size, x.max_seqlen, -1)
                 return x.with_values(super().forward(dense).view_as(x.values))
             return self._forward_packed(x)

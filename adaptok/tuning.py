@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 # Timed calls per option when a shape is measured, after one untimed call each.
-MEASURE_CALLS = 3
+MEASURE_CALLS = 5
 
 _CHOICES: dict[str, "Choice"] = {}
 

@@ -77,8 +77,7 @@ def check_keep_rate(keep_rate: KeepRate, prune_layers: Sequence[int], model: nn.
 
 def configure(model: nn.Module, keep_rate: KeepRate, prune_layers: Sequence[int], fuse: bool) -> KeepRate:
     """Set every block's ``keep_rate`` (None outside ``prune_layers``),
-    ``fuse``, ``num_prefix_tokens`` and ``parity`` (no pruning anywhere) on a
-    patched model; returns the keep rate as the model reports it (a float,
+    ``fuse`` and ``num_prefix_tokens`` on a patched model; returns the keep rate as the model reports it (a float,
     a tuple per prune layer, or None)."""
     pairs = check_keep_rate(keep_rate, prune_layers, model)
     rates = dict(pairs or ())
@@ -86,7 +85,6 @@ def configure(model: nn.Module, keep_rate: KeepRate, prune_layers: Sequence[int]
         blk.keep_rate = rates.get(i)
         blk.fuse = fuse
         blk.num_prefix_tokens = model.num_prefix_tokens
-        blk.parity = pairs is None
     if keep_rate is None:
         return None
     host = _host_rates(keep_rate)
