@@ -46,9 +46,10 @@ from .models.evit import KeepRate
 from .nn.attention import ATTENTION, attention_path, dense_attention, packed_attention, runs
 from .nn.layout_aware import LayoutAware, apply, is_layout_aware, per_sequence
 from .nn.norm import TokenLengthLayerNorm
-from .nn.patch_embed import embed_patches
+from .nn.patch_embed import embed_patches, has_hooks
 from .nn.prune import evit_select, pruned_length
 from .ragged import RaggedBatch
+from .tuning import compute_dtype
 
 
 # Modules applied to [T, C] packed tokens must act on each token alone.
@@ -77,15 +78,12 @@ class AdaptiveAttention(Attention):
         # Cheap tests first: this runs in every block of parity mode.
         if attn_mask is None and not is_causal and self.fused_attn and x.dim() == 3 and (
                 x.dtype is torch.bfloat16 or ATTENTION.forced() is not None or torch.is_autocast_enabled("cpu")):
-            dtype = x.dtype
-            if dtype is torch.float32 and torch.is_autocast_enabled("cpu"):
-                dtype = torch.get_autocast_dtype("cpu")
-            B, N, _ = x.shape
-            path = attention_path(x, dtype, B, self.num_heads, N, self.head_dim, False,
+            B, N, C = x.shape
+            path = attention_path(x, compute_dtype(x), B, self.num_heads, N, self.head_dim, False,
                                   self.attn_drop.p if self.training else 0.0)
             if path != "sdpa":
-                out, _ = self._attend_tokens(x.reshape(B * N, -1), lambda q, k, v, dropout: dense_attention(
-                    q, k, v, ((0, B, N),), self.scale, dropout))
+                out, _ = self._attend_tokens(x.reshape(B * N, C), lambda q, k, v, dropout: dense_attention(
+                    q, k, v, ((0, B, N),), self.scale, dropout, path=path))
                 return out.view(B, N, -1)
         return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
 
@@ -144,7 +142,7 @@ class AdaptiveBlock(Block):
     def forward(self, x, attn_mask: Optional[Tensor] = None, is_causal: bool = False):
         """``x``: a :class:`RaggedBatch` of ``[T, C]`` tokens, or a ``[B, N, C]``
         tensor (what timm passes; a pruning block returns ``[B, N', C]``)."""
-        if x.__class__ is not RaggedBatch and self.keep_rate is None and not self.layout_aware:
+        if not isinstance(x, RaggedBatch) and self.keep_rate is None and not self.layout_aware:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)  # parity mode's hot path
         if isinstance(x, RaggedBatch):
             if x.is_uniform and self.keep_rate is None and not self.layout_aware:  # timm's block on the dense view
@@ -320,7 +318,8 @@ class AdaptiveViTMixin:
             pe = self.patch_embed
             # timm's module where it pads, checks or keeps NHWC; the measured
             # projection where it is the plain map of the model's image size
-            plain = pe.flatten and not pe.dynamic_img_pad and tuple(x.shape[-2:]) == tuple(pe.img_size or ())
+            plain = (pe.flatten and not pe.dynamic_img_pad and tuple(x.shape[-2:]) == tuple(pe.img_size or ())
+                     and not has_hooks(pe))
             patches = embed_patches(pe, x) if plain else pe(x)
             if patches.dim() == 4:  # NHWC (dynamic image size)
                 hw = tuple(patches.shape[1:3])

@@ -7,8 +7,9 @@ timed soundly (:func:`measurable`: no autograd graph, no random draws, no
 tracing or compiling) runs every option on its own inputs, interleaved,
 :data:`MEASURE_CALLS` timed calls each after one untimed call, and keeps the
 one with the smallest time for the rest of the process; it returns that
-option's result. Calls that cannot be timed take the choice's default until
-their shape is measured. Which option wins depends on the machine, so the
+option's result. Calls that cannot be timed always take the choice's
+default (timm's formulation), so that training, compiled graphs and exported
+programs never depend on what the process measured before. Which option wins depends on the machine, so the
 choice is measured where it runs, not written down.
 
 ``ADAPTOK_<NAME>=<option>`` (e.g. ``ADAPTOK_ATTENTION=sdpa``) or ``with
@@ -41,9 +42,21 @@ _CHOICES: dict[str, "Choice"] = {}
 def measurable(x: Tensor, random: bool = False) -> bool:
     """Whether timing every option on inputs like ``x`` is sound and free of
     side effects: no autograd graph, no random draws (``random``: the call
-    would draw, e.g. dropout), no tracing or compiling, real CPU tensors."""
+    would draw, e.g. dropout), no tracing or compiling, real non-empty CPU
+    tensors. Calls that are not take the choice's default and never read
+    the measurements, so that training, compiled graphs and exported
+    programs do not depend on what the process measured before."""
     return (not random and not (torch.is_grad_enabled() and x.requires_grad) and not torch.jit.is_tracing()
-            and not torch.compiler.is_compiling() and type(x) is Tensor and x.device.type == "cpu")
+            and not torch.compiler.is_compiling() and type(x) is Tensor and x.device.type == "cpu"
+            and x.numel() > 0)
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a CPU matmul or convolution on ``x`` computes in: CPU
+    autocast's dtype for an fp32 ``x`` under it, else ``x.dtype``."""
+    if x.dtype is torch.float32 and x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        return torch.get_autocast_dtype("cpu")
+    return x.dtype
 
 
 def bucket(n: int) -> int:

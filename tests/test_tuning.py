@@ -182,3 +182,22 @@ def test_patched_models_use_it_where_timm_would_run_the_same_map(monkeypatch):
     with PATCH_EMBED.force("matmul"):
         assert torch.equal(parity(x), model(x))
     assert used == []
+
+
+def test_projections_with_hooks_keep_the_convolution():
+    """A hook on the projection (or on the patch embedding of a model with a
+    keep rate) still runs: the matmul, which would skip it, is not taken."""
+    module = patch_embed().double()
+    seen = []
+    module.proj.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    with PATCH_EMBED.force("matmul"):
+        embed_patches(module, torch.randn(1, 3, 64, 64, dtype=torch.float64))
+    assert seen == [(1, 24, 4, 4)]
+    torch.manual_seed(0)
+    model = adaptok.patch(timm.create_model("vit_tiny_patch16_224", img_size=64, num_classes=10, depth=2).eval(),
+                          keep_rate=0.5, prune_layers=(1,))
+    seen.clear()
+    model.patch_embed.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    with PATCH_EMBED.force("matmul"):
+        model(torch.randn(2, 3, 64, 64))
+    assert seen == [(2, 16, 192)]

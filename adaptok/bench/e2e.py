@@ -251,8 +251,8 @@ def targets(rep: dict, gpu: bool) -> list[dict]:
         met = value >= goal if higher else value <= goal
         # A paired ratio whose 95 % interval holds the goal is a tie: not shown worse at this run's resolution.
         tie = not met and ci is not None and (ci[1] >= goal if higher else ci[0] <= goal)
-        rows.append({"target": what, "measured": value, "goal": goal, "higher": higher, "met": met or tie,
-                     "tie": tie, **({"ci95": ci} if ci is not None else {})})
+        rows.append({"target": what, "measured": value, "goal": goal, "higher": higher, "met": met, "tie": tie,
+                     **({"ci95": ci} if ci is not None else {})})
 
     if gpu:
         add("parity vs timm (images/s ratio)", rate["adaptok parity"] / rate["timm"], 1.0)

@@ -62,8 +62,10 @@ def attention_path(x: Tensor, dtype: torch.dtype, sequences: int, heads: int, n:
       there (one 197-token image: SDPA 0.65 ms, the matmuls 0.43 ms) and
       fast at others (one 50-token image: 0.06-0.09 against 0.12-0.16 ms);
       which shapes differ by machine. Calls that cannot be timed (autograd,
-      dropout, tracing, compiling) take the matmuls until their shape is
-      measured.
+      dropout, tracing, compiling, empty) take SDPA, timm's default: training
+      draws the random numbers timm draws and keeps no ``[b, H, n, n]``
+      probabilities for backward, and a compiled graph does not depend on
+      what the process measured before.
     - Sequences over :data:`MATMUL_ATTENTION_MAX_TOKENS` tokens whose
       ``[b, H, n, n]`` scores would exceed
       :data:`MATMUL_ATTENTION_MAX_SCORES` elements take SDPA unless forced.
@@ -75,10 +77,9 @@ def attention_path(x: Tensor, dtype: torch.dtype, sequences: int, heads: int, n:
         return "sdpa"
     if n > MATMUL_ATTENTION_MAX_TOKENS and sequences * heads * n * n > MATMUL_ATTENTION_MAX_SCORES:
         return "sdpa"
-    path = ATTENTION.get(_key(sequences, heads, n, head_dim, need_cls))
-    if path is not None:
-        return path
-    return None if measurable(x, dropout > 0) else "matmul"
+    if not measurable(x, dropout > 0):
+        return ATTENTION.default
+    return ATTENTION.get(_key(sequences, heads, n, head_dim, need_cls))  # None: measure on this call
 
 
 def _key(sequences: int, heads: int, n: int, head_dim: int, need_cls: bool) -> tuple:
@@ -115,19 +116,20 @@ def _attend(path: str, q: Tensor, k: Tensor, v: Tensor, scale: float, dropout: f
 
 
 def dense_attention(q: Tensor, k: Tensor, v: Tensor, spans: Sequence[tuple[int, int, int]], scale: float,
-                    dropout: float = 0.0, need_cls: bool = False):
+                    dropout: float = 0.0, need_cls: bool = False, path: Optional[str] = None):
     """Attention over each run of equal-length sequences, on views of the
     packed ``q, k, v [T, H, D]``; ``spans``: ``(first token, sequences,
     length)`` per run, covering all T tokens in order (:func:`runs`).
-    Each run takes :func:`attention_path`'s choice for its shape.
+    Each run takes :func:`attention_path`'s choice for its shape, or
+    ``path`` when the caller decided already.
     Returns ``out [T, H * D]`` and ``cls_attn [T]`` (fp32, or None)."""
     T, H, D = q.shape
     out = None if len(spans) == 1 else q.new_empty((T, H, D))
     cls = []
     for start, count, n in spans:
         qr, kr, vr = (t[start:start + count * n].view(count, n, H, D).transpose(1, 2) for t in (q, k, v))
-        path = attention_path(q, q.dtype, count, H, n, D, need_cls, dropout)
-        o, c = (_attend(path, qr, kr, vr, scale, dropout, need_cls) if path is not None else
+        chosen = path or attention_path(q, q.dtype, count, H, n, D, need_cls, dropout)
+        o, c = (_attend(chosen, qr, kr, vr, scale, dropout, need_cls) if chosen is not None else
                 ATTENTION.measure(_key(count, H, n, D, need_cls),
                                   lambda p: _attend(p, qr, kr, vr, scale, 0.0, need_cls)))
         o = o.transpose(1, 2)

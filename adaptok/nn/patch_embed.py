@@ -8,8 +8,9 @@ the 2-core AVX-512 BF16 machine, DeiT-S's 16x16x3 -> 384 projection, median
 of 300 calls: one 224 image 0.60 ms by convolution against 0.37 ms by matmul
 in bf16, 0.86 against 0.75 ms in fp32; one 112 image 0.37 against 0.17 ms
 in bf16; 32 images of 224 in fp32 29.0 against 35.1 ms), so the choice is
-measured per shape (:data:`PATCH_EMBED`, :mod:`adaptok.tuning`); CUDA keeps
-the convolution.
+measured per shape (:data:`PATCH_EMBED`, :mod:`adaptok.tuning`); CUDA, calls
+that cannot be timed (autograd) and projections with hooks keep the
+convolution.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..tuning import Choice, bucket, measurable
+from ..tuning import Choice, bucket, compute_dtype, measurable
 
 # timm's convolution or one matmul over unfolded patches
 # (ADAPTOK_PATCH_EMBED=conv|matmul fixes it; see adaptok.tuning).
@@ -35,24 +36,32 @@ def embed_patches(module: nn.Module, images: Tensor) -> Tensor:
         return module.norm(_project("conv", proj, images))
     path = PATCH_EMBED.forced()
     if path is None:
-        if images.device.type != "cpu":
-            path = "conv"
+        if not measurable(images) or (torch.is_grad_enabled() and proj.weight.requires_grad):
+            path = PATCH_EMBED.default  # untimed calls: timm's convolution, whatever was measured
         else:
-            dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else images.dtype
             B, C_in, H, W = images.shape
-            key = (dtype, bucket(B), C_in, H, W, proj.out_channels, tuple(proj.kernel_size))
+            key = (compute_dtype(images), bucket(B), C_in, H, W, proj.out_channels, tuple(proj.kernel_size))
             path = PATCH_EMBED.get(key)
             if path is None:
-                if measurable(images) and not (torch.is_grad_enabled() and proj.weight.requires_grad):
-                    return module.norm(PATCH_EMBED.measure(key, lambda p: _project(p, proj, images)))
-                path = PATCH_EMBED.default
+                return module.norm(PATCH_EMBED.measure(key, lambda p: _project(p, proj, images)))
     return module.norm(_project(path, proj, images))
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs hooks (its own or global ones) that a
+    formulation bypassing its ``forward`` would skip."""
+    from torch.nn.modules import module as m
+
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks)
 
 
 def _unfoldable(proj: nn.Module, images: Tensor) -> bool:
     """Whether ``proj`` on ``images`` is a map of non-overlapping patches
-    that tile the images exactly."""
+    that tile the images exactly, with no hook that the matmul would skip."""
     if type(proj) is not nn.Conv2d or proj.groups != 1 or proj.padding_mode != "zeros" or images.dim() != 4:
+        return False
+    if has_hooks(proj):
         return False
     kh, kw = proj.kernel_size
     return (tuple(proj.stride) == (kh, kw) and tuple(proj.padding) == (0, 0) and tuple(proj.dilation) == (1, 1)
