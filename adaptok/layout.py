@@ -217,14 +217,21 @@ class TokenLayout:
         pos = [t for _, t in tables]
         if any(t is None for t in pos) and not all(t is None for t in pos):
             raise ValueError("tables must give a position table for every group or for none")
-        dtype = functools.reduce(torch.promote_types,
-                                 [t.dtype for t in (*patches, *pos, *prefix) if t is not None])
+        dtype = stream_dtype(*patches, *pos, *prefix)
         patches = [p.to(dtype) for p in patches]
         pos = None if pos[0] is None else [t.to(dtype) for t in pos]
         prefix = None if all(t is None for t in prefix) else [None if t is None else t.to(dtype) for t in prefix]
         values = pack_patches(patches, pos, prefix)
         lengths = sequence_lengths(patches, prefix)
         return RaggedBatch.from_lengths(values, lengths, self.tags())
+
+
+def stream_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
+    """The dtype of the token stream built from patch embeddings, position
+    tables and prefix tokens (None entries skipped): their promotion, as
+    timm's ``x + pos_embed`` promotes (under autocast the embedding is bf16
+    while the tables stay fp32, so the stream is fp32)."""
+    return functools.reduce(torch.promote_types, [t.dtype for t in tensors if t is not None])
 
 
 def grid_sides(grid) -> tuple:

@@ -28,7 +28,6 @@ Example::
 """
 from __future__ import annotations
 
-import functools
 import operator
 from typing import Optional, Sequence
 
@@ -40,7 +39,7 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from .errors import UnsupportedModelError
-from .layout import TokenLayout, grid_sides, host_grid, resize_images
+from .layout import TokenLayout, grid_sides, host_grid, resize_images, stream_dtype
 from .models import evit
 from .models.evit import KeepRate
 from .nn.attention import ATTENTION, attention_path, dense_attention, packed_attention, runs
@@ -402,7 +401,7 @@ class AdaptiveViTMixin:
         ph, pw = self.patch_embed.patch_size
         patches = self._patchify(resize_images(x, (g * ph, g * pw)), g)
         prefix, pos = self._prefix_and_pos((g, g))
-        dtype = functools.reduce(torch.promote_types, [t.dtype for t in (patches, prefix, pos) if t is not None])
+        dtype = stream_dtype(patches, prefix, pos)
         h = patches.to(dtype) if pos is None else patches.to(dtype) + pos.to(dtype)
         if prefix is not None:
             h = torch.cat([prefix.to(dtype).expand(h.shape[0], -1, -1), h], dim=1)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layout import TokenLayout
+from ..layout import TokenLayout, resize_images
 
 
 def _check_scope(model: nn.Module) -> None:
@@ -130,9 +130,7 @@ def cfvit_official(model: nn.Module, images: Tensor, eta=None) -> Tensor:
     if model.resize == "official":
         small = F.interpolate(images, size=size, mode="bilinear", align_corners=True)
     else:
-        low = images.device.type == "cpu" and images.dtype in (torch.float16, torch.bfloat16)  # no CPU kernel
-        small = F.interpolate(images.float() if low else images, size=size, mode="bilinear", align_corners=False,
-                              antialias=True).to(images.dtype)
+        small = resize_images(images, size)  # antialiased; fp16/bf16 on the CPU resized in fp32, as adaptok does
     cls = model.cls_token.expand(B, -1, -1)
     embed = (lambda t: model.patch_embed.norm(model.patch_embed.proj(t).flatten(2).transpose(1, 2)))
     x = torch.cat([cls, embed(small)], dim=1) + model.coarse_pos_embed

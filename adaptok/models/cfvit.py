@@ -242,10 +242,10 @@ class CFViT(AdaptiveVisionTransformer):
 
     def _blocks(self, batch: RaggedBatch, collect: bool) -> tuple[RaggedBatch, Optional[Tensor]]:
         """The blocks on a uniform batch of B sequences of N tokens; with
-        ``collect``, also the global class attention ``[B, N - n]``. Every
-        block takes adaptok's packed path, whose attention is chosen per
-        shape (``nn.attention``: explicit matmuls for bf16 on the CPU, where
-        timm's SDPA is slower), not timm's own forward."""
+        ``collect``, also the global class attention ``[B, N - n]``. The
+        blocks whose class attention is collected take the packed path; the
+        others run timm's block on the dense view. Both use the attention
+        formulation measured per shape (:mod:`adaptok.nn.attention`)."""
         B, N, n = batch.batch_size, batch.max_seqlen, self.num_prefix_tokens
         g = None
         for k, blk in enumerate(self.blocks):
@@ -254,7 +254,7 @@ class CFViT(AdaptiveVisionTransformer):
                 a = a.view(B, N)[:, n:]
                 g = (1 - self.beta) * a if g is None else self.beta * g + (1 - self.beta) * a
             else:
-                batch = blk._forward_packed(batch)
+                batch = blk(batch)
         return batch.with_values(apply(self.norm, batch.values, batch)), g
 
     def _coarse(self, x: Tensor, grid: tuple):
