@@ -43,6 +43,7 @@ from .layout import TokenLayout, grid_sides, host_grid, resize_images, stream_dt
 from .models import evit
 from .models.evit import KeepRate
 from .nn.attention import ATTENTION, attention_path, dense_attention, packed_attention, runs
+from .nn.linear import adapt_linears
 from .nn.layout_aware import LayoutAware, apply, is_layout_aware, per_sequence
 from .nn.norm import TokenLengthLayerNorm
 from .nn.patch_embed import embed_patches, has_hooks
@@ -597,5 +598,6 @@ def patch(model: nn.Module, *, keep_rate: KeepRate = None, prune_layers: Sequenc
     for blk in model.blocks:
         blk.__class__ = AdaptiveBlock
         blk.attn.__class__ = AdaptiveAttention
+    adapt_linears(model)
     model._configure(keep_rate, prune_layers, bool(fuse_inattentive))
     return model

@@ -18,8 +18,9 @@ benchmark of one formulation). :func:`measured` lists every measured choice
 (``adaptok-bench`` records them with its results).
 
 The choices: :data:`adaptok.nn.attention.ATTENTION` (SDPA or explicit
-matmuls) and :data:`adaptok.nn.patch_embed.PATCH_EMBED` (timm's convolution
-or one matmul over unfolded patches).
+matmuls), :data:`adaptok.nn.patch_embed.PATCH_EMBED` (timm's convolution
+or one matmul over unfolded patches) and :data:`adaptok.nn.linear.LINEAR`
+(``F.linear`` or oneDNN's matmul with the weight prepacked).
 """
 from __future__ import annotations
 

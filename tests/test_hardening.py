@@ -294,6 +294,7 @@ def test_torch_compile_fullgraph_matches_eager(mode, dtype):
     from torch._dynamo.utils import counters
 
     from adaptok.nn.attention import ATTENTION
+    from adaptok.nn.linear import LINEAR
     from adaptok.nn.patch_embed import PATCH_EMBED
 
     torch._dynamo.reset()
@@ -303,7 +304,7 @@ def test_torch_compile_fullgraph_matches_eager(mode, dtype):
     kwargs = {"grid": 2} if mode == "one-grid" else {}
     with torch.no_grad():
         compiled = torch.compile(model, fullgraph=True, backend="eager")(x, **kwargs)
-        with ATTENTION.force("sdpa"), PATCH_EMBED.force("conv"):  # what a traced call takes: timm's defaults
+        with ATTENTION.force("sdpa"), PATCH_EMBED.force("conv"), LINEAR.force("linear"):  # timm's defaults, as traced
             eager = model(x, **kwargs)
     assert counters["stats"]["unique_graphs"] == 1
     assert torch.equal(compiled, eager)
