@@ -49,7 +49,7 @@ from .nn.norm import TokenLengthLayerNorm
 from .nn.patch_embed import embed_patches, has_hooks
 from .nn.prune import evit_select, pruned_length
 from .ragged import RaggedBatch
-from .tuning import compute_dtype
+from .tuning import compute_dtype, values_key
 
 
 # Modules applied to [T, C] packed tokens must act on each token alone.
@@ -237,8 +237,9 @@ class AdaptiveViTMixin:
         Resampled tables are cached per grid while no gradient is recorded.
         The key holds the parameters' version counters, so in-place updates
         (optimizer steps, ``load_state_dict``, EMA) invalidate it; writes
-        through ``.data`` do not: call :meth:`clear_position_cache` after
-        those."""
+        through ``.data``, and in-place changes of parameters made under
+        ``torch.inference_mode`` (no version counter), do not: call
+        :meth:`clear_position_cache` after those."""
         native = tuple(self.patch_embed.grid_size)
         dist = self.dist_token if isinstance(self, VisionTransformerDistilled) else None  # DeiT's, on every image
         tokens = [t for t in (self.cls_token, dist, self.reg_token) if t is not None]
@@ -246,7 +247,7 @@ class AdaptiveViTMixin:
         cacheable = grid != native and self.pos_embed is not None and not torch.compiler.is_compiling() and not (
             torch.is_grad_enabled() and any(p.requires_grad for p in params))
         if cacheable:
-            key = (grid, tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params))
+            key = (grid, tuple(values_key(p) for p in params))
             cache = self.__dict__.setdefault("_adaptok_tables", {})
             if key in cache:
                 return cache[key]

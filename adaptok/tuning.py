@@ -47,9 +47,8 @@ def measurable(x: Tensor, random: bool = False) -> bool:
     tensors. Calls that are not take the choice's default and never read
     the measurements, so that training, compiled graphs and exported
     programs do not depend on what the process measured before."""
-    return (not random and not (torch.is_grad_enabled() and x.requires_grad) and not torch.jit.is_tracing()
-            and not torch.compiler.is_compiling() and type(x) is Tensor and x.device.type == "cpu"
-            and x.numel() > 0)
+    return (not random and type(x) is Tensor and x.is_cpu and not (torch.is_grad_enabled() and x.requires_grad)
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and x.numel() > 0)
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -58,6 +57,15 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     if x.dtype is torch.float32 and x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         return torch.get_autocast_dtype("cpu")
     return x.dtype
+
+
+def values_key(t: Tensor) -> tuple:
+    """A key that changes when ``t``'s values are replaced or changed in
+    place, for caches derived from a parameter: its storage, its version
+    counter, dtype and device. Inference tensors (made under
+    ``torch.inference_mode``) have no version counter: their in-place
+    changes are not seen."""
+    return (t.data_ptr(), None if t.is_inference() else t._version, t.dtype, t.device)
 
 
 def bucket(n: int) -> int:

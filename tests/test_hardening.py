@@ -446,6 +446,22 @@ def test_batch_size_1_targets_count_ties_within_the_interval(median, ci, state):
     assert line.split()[0] == {"met": "met", "tie": "tie", "missed": "MISSED"}[state] and "95 % CI" in line
 
 
+
+def test_matmul_ceiling_counts_every_matmul_path_adaptok_may_take():
+    """The ceiling is the best of a @ b and, on the CPU, the prepacked
+    oneDNN matmul adaptok's linear layers may take: a variant's share of it
+    is not inflated by comparing oneDNN against the BLAS alone."""
+    from adaptok.bench.e2e import matmul_rate
+    from adaptok.nn import linear
+
+    rate = matmul_rate(torch.device("cpu"), torch.float32, sizes=(64, 128), repeats=2)
+    paths = {"matmul"} | ({"prepacked"} if torch.float32 in linear._PACKABLE else set())
+    assert set(rate["by_path"]) == paths
+    for n in (64, 128):
+        assert rate["by_size"][n] == max(r[n] for r in rate["by_path"].values()) > 0
+    assert rate["best"] == max(rate["by_size"].values())
+
+
 # ------------------------------------------- attention path chosen per shape
 
 

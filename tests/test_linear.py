@@ -179,3 +179,19 @@ def test_patch_converts_plain_linear_layers_only():
     kinds = {name: type(m) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     assert kinds.pop("head") is Custom
     assert set(kinds.values()) == {AdaptiveLinear} and len(kinds) == 8
+
+
+@needs_onednn
+def test_models_made_under_inference_mode_run():
+    """Inference tensors have no version counter: the caches keyed on it
+    (the packed weights, the resampled position tables) still work."""
+    with torch.inference_mode():
+        model = adaptok.patch(timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1, num_classes=5))
+        x = torch.randn(2, 3, 32, 32)
+        for path in LINEAR.options:
+            with LINEAR.force(path):
+                assert model(x).shape == model(x, grid=1).shape == (2, 5)
+        m = layer()  # its weight an inference tensor too
+        x = torch.randn(4, 48)
+        with LINEAR.force("packed"):
+            torch.testing.assert_close(m(x).double(), reference(m, x), **TOL[torch.float32])

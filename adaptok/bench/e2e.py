@@ -27,8 +27,9 @@ it reuse freed memory instead (:func:`adaptok.bench.timing.steady_allocator`).
 The GPU runs
 bfloat16 with 256 images (512 mixed); the CPU 32 images, in bfloat16 when it
 computes bf16 natively (AVX-512 BF16 or AMX), else float32. The best of
-1024^2, 2048^2 and 4096^2 matmuls in the same dtype, timed in the same run, is
-the machine's ceiling: each variant's share of it is ``2 * MACs * images/s``
+1024^2, 2048^2 and 4096^2 matmuls in the same dtype (``a @ b``, and on the
+CPU also oneDNN's prepacked matmul that adaptok's linear layers may take),
+timed in the same run, is the machine's ceiling: each variant's share of it is ``2 * MACs * images/s``
 over its FLOP/s. Prints a
 table and the targets (at batch size 1, every adaptok variant against the
 plain-PyTorch path doing the same work), and writes ``adaptok-bench.json`` (device, versions,
@@ -174,18 +175,34 @@ def measure(variants: list[Variant], device: torch.device, repeats: int, warmup:
 
 def matmul_rate(device: torch.device, dtype: torch.dtype, sizes=(1024, 2048, 4096), repeats: int = 5) -> dict:
     """FLOP/s of square matmuls in ``dtype`` (median of ``repeats`` calls per
-    size), and their best: the machine's ceiling each variant is set against
-    (``{"best": flops, "by_size": {n: flops}}``)."""
-    by_size = {}
+    size and path), and their best: the machine's ceiling each variant is set
+    against (``{"best": flops, "by_size": {n: best flops}, "by_path": {path:
+    {n: flops}}}``). The paths: ``a @ b``, and on the CPU also oneDNN's
+    matmul with ``b`` prepacked (:mod:`adaptok.nn.linear`), which adaptok's
+    linear layers may take and which can beat ``a @ b``."""
+    from ..nn.linear import LINEAR, AdaptiveLinear
+
+    by_path: dict = {}
     with torch.inference_mode():
         for n in sizes:
             a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-            for _ in range(2):
-                a @ b
-            synchronize(device)
-            seconds = summarize([time_once(lambda: a @ b, device) for _ in range(repeats)])["median_s"]
-            by_size[n] = 2 * n ** 3 / seconds
-    return {"best": max(by_size.values()), "by_size": by_size}
+            paths = {"matmul": lambda: a @ b}
+            if device.type == "cpu":
+                layer = AdaptiveLinear(n, n, bias=False, device=device, dtype=dtype)
+                layer.weight.data.copy_(b.t())
+
+                def packed():
+                    with LINEAR.force("packed"):
+                        return layer(a)
+                paths["prepacked"] = packed
+            for path, fn in paths.items():
+                for _ in range(2):
+                    fn()
+                synchronize(device)
+                seconds = summarize([time_once(fn, device) for _ in range(repeats)])["median_s"]
+                by_path.setdefault(path, {})[n] = 2 * n ** 3 / seconds
+    by_size = {n: max(rates[n] for rates in by_path.values()) for n in sizes}
+    return {"best": max(by_size.values()), "by_size": by_size, "by_path": by_path}
 
 
 def report(args, device, dtype, variants: list[Variant], samples: dict, peak: float) -> dict:
@@ -202,7 +219,9 @@ def report(args, device, dtype, variants: list[Variant], samples: dict, peak: fl
            "mix_batch": args.mix_batch, "mix": args.mix, "keep_rate": args.keep_rate, "compile": args.compile, "repeats": args.repeats,
            "single_repeats": args.single_repeats,
            "matmul_tflops": peak["best"] / 1e12,
-           "matmul_tflops_by_size": {str(n): f / 1e12 for n, f in peak["by_size"].items()}, "results": results}
+           "matmul_tflops_by_size": {str(n): f / 1e12 for n, f in peak["by_size"].items()},
+           "matmul_tflops_by_path": {path: {str(n): f / 1e12 for n, f in rates.items()}
+                                     for path, rates in peak.get("by_path", {}).items()}, "results": results}
     out["paired_single"] = {f"{a}/{b}": paired(samples[(a, "single")], samples[(b, "single")])
                             for a, b in single_pairs(variants)}
     if (CONTROL, "single") in samples:
@@ -279,7 +298,9 @@ def table(rep: dict) -> str:
     lines = [f"{rep['model']} on {env['device']}, {rep['dtype']}, batch {rep['batch']} "
              f"({rep['mix_batch']} mixed: {rep['mix']:.0%} 7x7), torch {env['torch']}, adaptok {env['commit'][:12]}"
              f"{', compiled' if rep['compile'] else ''}; medians of {rep['repeats']} rounds",
-             f"matmul ceiling ({rep['dtype']}, best square matmul: "
+             f"matmul ceiling ({rep['dtype']}, best square matmul"
+             + (f" of {' or '.join(rep['matmul_tflops_by_path'])}" if len(rep.get("matmul_tflops_by_path", {})) > 1
+                else "") + ": "
              + ", ".join(f"{n}^2 {t * 1e3:.0f}" for n, t in rep["matmul_tflops_by_size"].items()) + " GFLOP/s)",
              f"{'variant':24s} {'images/s':>9s} {'IQR %':>6s} {'GMACs/img':>9s} {'vs timm':>8s} {'% matmul':>8s} "
              f"{'bs1 ms/img':>10s} {'bs1 IQR %':>9s} {'bs1 vs timm':>11s}"]

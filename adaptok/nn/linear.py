@@ -21,7 +21,8 @@ cannot be timed (autograd, tracing, compiling) and CPUs without oneDNN take
 The reordered weight is a cache: one per layer and compute dtype, built on
 the first measured call and rebuilt when the weight changes in place (its
 version counter: optimizer steps, ``load_state_dict``, EMA updates) or is
-replaced; writes through ``.data`` are not seen (call
+replaced; writes through ``.data``, and in-place changes of weights made
+under ``torch.inference_mode``, are not seen (call
 :meth:`AdaptiveLinear.clear_packed`). It doubles the memory of the weights
 it covers, is never saved, copied or pickled, and ``ADAPTOK_LINEAR=linear``
 turns the path off.
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..tuning import Choice, bucket, compute_dtype, measurable
+from ..tuning import Choice, bucket, measurable, values_key
 
 # timm's F.linear, or oneDNN's matmul with the weight prepacked
 # (ADAPTOK_LINEAR=linear|packed fixes it; see adaptok.tuning).
@@ -59,7 +60,7 @@ class AdaptiveLinear(nn.Linear):
     measured fastest for the call's shape: ``x [..., in] -> [..., out]``."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type != "cpu":  # CUDA: timm's call, one check
+        if not x.is_cpu:  # CUDA: timm's call, one check
             return F.linear(x, self.weight, self.bias)
         return linear(self, x)
 
@@ -86,20 +87,28 @@ def adapt_linears(module: nn.Module) -> nn.Module:
 
 def linear(module: nn.Linear, x: Tensor) -> Tensor:
     """``module``'s map on ``x [..., in_features]``: ``F.linear``, or the
-    prepacked oneDNN matmul where :data:`LINEAR` measured it faster."""
+    prepacked oneDNN matmul where :data:`LINEAR` measured it faster. The
+    checks run on every call of every layer, cheapest first (a few hundred
+    ns each on the CPU decide a forward's host overhead)."""
     weight, bias = module.weight, module.bias
-    if not _PACKABLE or x.device.type != "cpu" or x.dim() < 2:
+    if not _PACKABLE or type(x) is not Tensor or not x.is_cpu or x.dim() < 2:
         return F.linear(x, weight, bias)
-    dtype = _packed_dtype(x, weight)
-    if dtype is None:
+    dtype = x.dtype
+    if dtype is torch.float32 and torch.is_autocast_enabled("cpu"):
+        dtype = torch.get_autocast_dtype("cpu")  # autocast casts x, weight and bias to it
+        if weight.dtype not in (torch.float32, torch.bfloat16):
+            return F.linear(x, weight, bias)
+    elif weight.dtype is not dtype:
+        return F.linear(x, weight, bias)  # F.linear names the mismatch
+    if dtype not in _PACKABLE or x.shape[-1] != module.in_features:
         return F.linear(x, weight, bias)
     if not measurable(x) or (torch.is_grad_enabled() and (weight.requires_grad or
                                                            (bias is not None and bias.requires_grad))):
-        return F.linear(x, weight, bias)  # autograd, tracing, compiling: timm's call, even when forced
+        return F.linear(x, weight, bias)  # autograd, tracing, compiling, empty: timm's call, even when forced
     path = LINEAR.forced()
     if path is None:
-        rows = x.numel() // x.shape[-1]
-        key = (dtype, bucket(rows), module.in_features, module.out_features, bias is not None)
+        key = (dtype, bucket(x.numel() // module.in_features), module.in_features, module.out_features,
+               bias is not None)
         path = LINEAR.get(key)
         if path is None:
             packed = _packed(module, dtype)
@@ -109,25 +118,10 @@ def linear(module: nn.Linear, x: Tensor) -> Tensor:
     return _run("packed", x, weight, bias, _packed(module, dtype), dtype)
 
 
-def _packed_dtype(x: Tensor, weight: Tensor):
-    """The dtype the call computes in if the packed path can run it (the
-    dtypes ``F.linear`` itself would use, CPU autocast's included), else
-    None."""
-    dtype = compute_dtype(x)
-    if dtype not in _PACKABLE:
-        return None
-    if x.dtype == weight.dtype == dtype:
-        return dtype
-    if (dtype is not x.dtype and torch.is_autocast_enabled("cpu")
-            and weight.dtype in (torch.float32, torch.bfloat16)):
-        return dtype  # autocast casts x, weight and bias to its dtype
-    return None
-
-
 def _packed(module: nn.Linear, dtype: torch.dtype) -> Tensor:
     """``module``'s weight in ``dtype``, reordered for oneDNN (cached)."""
     weight = module.weight
-    key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+    key = values_key(weight)
     cache = module.__dict__.get("_adaptok_packed")
     if cache is not None and dtype in cache and cache[dtype][0] == key:
         return cache[dtype][1]
