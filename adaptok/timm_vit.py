@@ -49,7 +49,7 @@ from .nn.norm import TokenLengthLayerNorm
 from .nn.patch_embed import embed_patches, has_hooks
 from .nn.prune import evit_select, pruned_length
 from .ragged import RaggedBatch
-from .tuning import compute_dtype, values_key
+from .tuning import compute_dtype, transformed, values_key
 
 
 # Modules applied to [T, C] packed tokens must act on each token alone.
@@ -234,9 +234,11 @@ class AdaptiveViTMixin:
         and the patch position table, resampled from the model's own table
         as timm does for other image sizes.
 
-        Resampled tables are cached per grid while no gradient is recorded.
-        The key holds the parameters' version counters, so in-place updates
-        (optimizer steps, ``load_state_dict``, EMA) invalidate it; writes
+        Resampled tables are cached per grid while no gradient is recorded
+        (and no ``torch.func`` transform or forward-mode AD is active).
+        The key holds the parameters' storage and version counters, so
+        replacements and in-place updates (optimizer steps,
+        ``load_state_dict``, EMA) invalidate it; writes
         through ``.data``, and in-place changes of parameters made under
         ``torch.inference_mode`` (no version counter), do not: call
         :meth:`clear_position_cache` after those."""
@@ -245,12 +247,12 @@ class AdaptiveViTMixin:
         tokens = [t for t in (self.cls_token, dist, self.reg_token) if t is not None]
         params = [t for t in (*tokens, self.pos_embed) if t is not None]
         cacheable = grid != native and self.pos_embed is not None and not torch.compiler.is_compiling() and not (
-            torch.is_grad_enabled() and any(p.requires_grad for p in params))
+            torch.is_grad_enabled() and any(p.requires_grad for p in params)) and not transformed()
         if cacheable:
             key = (grid, tuple(values_key(p) for p in params))
             cache = self.__dict__.setdefault("_adaptok_tables", {})
             if key in cache:
-                return cache[key]
+                return cache[key][:2]
         prefix = torch.cat([t.reshape(-1, t.shape[-1]) for t in tokens]) if tokens else None
         pos = None
         if self.pos_embed is not None:
@@ -264,7 +266,7 @@ class AdaptiveViTMixin:
             pos = table[n_pos:]
         if cacheable:
             cache = {k: v for k, v in cache.items() if k[1] == key[1]}  # drop entries of old parameters
-            cache[key] = (prefix, pos)
+            cache[key] = (prefix, pos, [p.detach() for p in params])  # aliases: no new parameter takes their address
             self.__dict__["_adaptok_tables"] = cache
         return prefix, pos
 

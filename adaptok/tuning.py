@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 # Timed calls per option when a shape is measured, after one untimed call each.
 MEASURE_CALLS = 5
@@ -42,13 +43,23 @@ _CHOICES: dict[str, "Choice"] = {}
 
 def measurable(x: Tensor, random: bool = False) -> bool:
     """Whether timing every option on inputs like ``x`` is sound and free of
-    side effects: no autograd graph, no random draws (``random``: the call
-    would draw, e.g. dropout), no tracing or compiling, real non-empty CPU
-    tensors. Calls that are not take the choice's default and never read
-    the measurements, so that training, compiled graphs and exported
-    programs do not depend on what the process measured before."""
+    side effects: no autograd graph (backward or forward mode), no
+    ``torch.func`` transform (``vmap``, ``jvp``, ``grad``), no random draws
+    (``random``: the call would draw, e.g. dropout), no tracing or
+    compiling, real non-empty CPU tensors. Calls that are not take the
+    choice's default and never read the measurements, so that training,
+    compiled graphs and exported programs do not depend on what the process
+    measured before."""
     return (not random and type(x) is Tensor and x.is_cpu and not (torch.is_grad_enabled() and x.requires_grad)
-            and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and x.numel() > 0)
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and x.numel() > 0
+            and not transformed())
+
+
+def transformed() -> bool:
+    """Whether a forward-mode AD level or a ``torch.func`` transform is
+    active: their tensors look plain, and formulations without a forward
+    derivative or batching rule would drop tangents or fail."""
+    return forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -62,7 +73,9 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 def values_key(t: Tensor) -> tuple:
     """A key that changes when ``t``'s values are replaced or changed in
     place, for caches derived from a parameter: its storage, its version
-    counter, dtype and device. Inference tensors (made under
+    counter, dtype and device. A cache must keep ``t.detach()`` alive with
+    its entry, so that no new tensor can take the same storage address
+    while the key is compared. Inference tensors (made under
     ``torch.inference_mode``) have no version counter: their in-place
     changes are not seen."""
     return (t.data_ptr(), None if t.is_inference() else t._version, t.dtype, t.device)
@@ -135,6 +148,12 @@ class Choice:
         with self._lock:
             best = self._measured.setdefault(key, best)
         return results[best]
+
+    def settle(self, key: tuple, option: str) -> None:
+        """Record ``option`` for ``key`` without timing (the others cannot
+        run there)."""
+        with self._lock:
+            self._measured.setdefault(key, option)
 
     def measured(self) -> dict[tuple, str]:
         """``{key: option}`` measured so far in this process."""

@@ -61,7 +61,7 @@ def test_measured_per_shape_and_recorded():
         m(torch.randn(2, 2, 48))  # 4 rows: the same octave as 3
         m(torch.randn(9, 48))
     keys = set(LINEAR.measured())
-    assert keys == {(torch.float32, 4, 48, 40, True), (torch.float32, 16, 48, 40, True)}
+    assert keys == {(torch.float32, False, 4, 48, 40, True), (torch.float32, False, 16, 48, 40, True)}
     assert set(tuning.measured()["linear"].values()) <= set(LINEAR.options)
 
 
@@ -195,3 +195,77 @@ def test_models_made_under_inference_mode_run():
         x = torch.randn(4, 48)
         with LINEAR.force("packed"):
             torch.testing.assert_close(m(x).double(), reference(m, x), **TOL[torch.float32])
+
+
+@needs_onednn
+@pytest.mark.parametrize("path", [None, *LINEAR.options], ids=["measured", *LINEAR.options])
+def test_forward_mode_ad_and_torch_func_take_f_linear(path):
+    """jvp, forward-mode duals and vmap over stacked weights see plain
+    tensors: the packed matmul has no forward derivative or batching rule,
+    so they take F.linear (tangents kept, no crash)."""
+    from torch.func import functional_call, jvp, stack_module_state, vmap
+
+    m = layer().requires_grad_(False)
+    x, v = torch.randn(6, 48), torch.randn(6, 48)
+    with LINEAR.force(path):
+        out, tangent = jvp(m, (x,), (v,))
+        torch.testing.assert_close(tangent, F.linear(v, m.weight))
+        import torch.autograd.forward_ad as fwAD
+        with fwAD.dual_level():
+            dual = m(fwAD.make_dual(x, v))
+            torch.testing.assert_close(fwAD.unpack_dual(dual).tangent, F.linear(v, m.weight))
+        models = [layer(seed=s) for s in range(3)]
+        params, buffers = stack_module_state(models)
+        with torch.no_grad():
+            ys = vmap(lambda p, b, x: functional_call(models[0], (p, b), (x,)), in_dims=(0, 0, None))(params, buffers, x)
+        for y, mm in zip(ys, models):
+            torch.testing.assert_close(y.double(), reference(mm, x), **TOL[torch.float32])
+
+
+@needs_onednn
+def test_a_replaced_weight_never_hits_the_old_pack():
+    """The pack's entry keeps an alias of its weight, so a new weight cannot
+    take the old address with the same version and read a stale pack."""
+    m = layer(256, 256)
+    x = torch.randn(4, 256)
+    with torch.no_grad(), LINEAR.force("packed"):
+        for step in range(6):
+            m(x)
+            if step % 2:
+                m.to(torch.bfloat16 if torch.bfloat16 in L._PACKABLE else torch.float64).to(torch.float32)
+            else:
+                m.weight = nn.Parameter(torch.randn(256, 256))
+            torch.testing.assert_close(m(x).double(), reference(m, x), **TOL[torch.float32])
+
+
+@needs_onednn
+@pytest.mark.parametrize("n_in, n_out", [(48, 0), (0, 40)], ids=["no-outputs", "no-inputs"])
+def test_empty_layers_work_as_nn_linear(n_in, n_out):
+    m, plain = layer(n_in, n_out), nn.Linear(n_in, n_out)
+    plain.load_state_dict(m.state_dict())
+    x = torch.randn(3, n_in)
+    with torch.no_grad():
+        assert torch.equal(m(x), plain(x))
+
+
+@needs_onednn
+def test_disabled_onednn_is_respected():
+    m = layer()
+    with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False), LINEAR.force("packed"):
+        out = m(torch.randn(4, 48))
+    assert "_adaptok_packed" not in m.__dict__ and out.shape == (4, 40)
+
+
+@needs_onednn
+def test_a_layer_onednn_fails_on_settles_on_f_linear(monkeypatch):
+    def fail(module, dtype):
+        raise RuntimeError("could not create a primitive descriptor")
+
+    LINEAR.clear()
+    monkeypatch.setattr(L, "_packed", fail)
+    m = layer(48, 24)
+    x = torch.randn(5, 48)
+    with torch.no_grad():
+        out = m(x)
+    assert torch.equal(out, F.linear(x, m.weight, m.bias))
+    assert LINEAR.measured() == {(torch.float32, False, 8, 48, 24, True): "linear"}

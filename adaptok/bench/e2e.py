@@ -180,14 +180,14 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, sizes=(1024, 2048, 409
     {n: flops}}}``). The paths: ``a @ b``, and on the CPU also oneDNN's
     matmul with ``b`` prepacked (:mod:`adaptok.nn.linear`), which adaptok's
     linear layers may take and which can beat ``a @ b``."""
-    from ..nn.linear import LINEAR, AdaptiveLinear
+    from ..nn.linear import _PACKABLE, LINEAR, AdaptiveLinear
 
     by_path: dict = {}
     with torch.inference_mode():
         for n in sizes:
             a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
             paths = {"matmul": lambda: a @ b}
-            if device.type == "cpu":
+            if device.type == "cpu" and dtype in _PACKABLE:
                 layer = AdaptiveLinear(n, n, bias=False, device=device, dtype=dtype)
                 layer.weight.data.copy_(b.t())
 

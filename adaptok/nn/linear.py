@@ -15,17 +15,20 @@ same result to rounding (oneDNN sums in another order).
 :func:`adapt_linears` (run by :func:`adaptok.patch`) gives a model's
 ``nn.Linear`` layers this forward in place (:class:`AdaptiveLinear`: same
 parameters, state-dict keys and hooks). CUDA, float64 and fp16, calls that
-cannot be timed (autograd, tracing, compiling) and CPUs without oneDNN take
-``F.linear``, timm's call.
+cannot be timed (autograd in either mode, ``torch.func`` transforms,
+tracing, compiling), ``torch.backends.mkldnn.flags(enabled=False)`` and
+CPUs without oneDNN take ``F.linear``, timm's call; so does a shape oneDNN
+fails on when it is measured.
 
 The reordered weight is a cache: one per layer and compute dtype, built on
 the first measured call and rebuilt when the weight changes in place (its
 version counter: optimizer steps, ``load_state_dict``, EMA updates) or is
-replaced; writes through ``.data``, and in-place changes of weights made
-under ``torch.inference_mode``, are not seen (call
-:meth:`AdaptiveLinear.clear_packed`). It doubles the memory of the weights
-it covers, is never saved, copied or pickled, and ``ADAPTOK_LINEAR=linear``
-turns the path off.
+replaced (the entry keeps an alias of the weight it was made from, so a new
+weight cannot reuse its address). Writes through ``.data``, and in-place
+changes of weights made under ``torch.inference_mode`` (no version
+counter), are not seen: call :meth:`AdaptiveLinear.clear_packed`. The cache
+doubles the memory of the weights it covers, is never saved, copied or
+pickled, and ``ADAPTOK_LINEAR=linear`` turns the path off.
 """
 from __future__ import annotations
 
@@ -100,35 +103,44 @@ def linear(module: nn.Linear, x: Tensor) -> Tensor:
             return F.linear(x, weight, bias)
     elif weight.dtype is not dtype:
         return F.linear(x, weight, bias)  # F.linear names the mismatch
-    if dtype not in _PACKABLE or x.shape[-1] != module.in_features:
+    if dtype not in _PACKABLE or x.shape[-1] != module.in_features or not module.in_features * module.out_features:
         return F.linear(x, weight, bias)
     if not measurable(x) or (torch.is_grad_enabled() and (weight.requires_grad or
                                                            (bias is not None and bias.requires_grad))):
         return F.linear(x, weight, bias)  # autograd, tracing, compiling, empty: timm's call, even when forced
+    if not torch._C._get_mkldnn_enabled():  # torch.backends.mkldnn.flags(enabled=False); read after compiling is ruled out
+        return F.linear(x, weight, bias)
     path = LINEAR.forced()
     if path is None:
-        key = (dtype, bucket(x.numel() // module.in_features), module.in_features, module.out_features,
-               bias is not None)
+        key = (dtype, x.dtype is not dtype, bucket(x.numel() // module.in_features), module.in_features,
+               module.out_features, bias is not None)
         path = LINEAR.get(key)
         if path is None:
-            packed = _packed(module, dtype)
-            return LINEAR.measure(key, lambda p: _run(p, x, weight, bias, packed, dtype))
+            try:
+                packed = _packed(module, dtype)
+                return LINEAR.measure(key, lambda p: _run(p, x, weight, bias, packed, dtype))
+            except RuntimeError:  # oneDNN cannot run this layer here (a build, a CPU, a shape)
+                LINEAR.settle(key, "linear")
+                module.__dict__.pop("_adaptok_packed", None)
+                return F.linear(x, weight, bias)
     if path == "linear":
         return F.linear(x, weight, bias)
     return _run("packed", x, weight, bias, _packed(module, dtype), dtype)
 
 
 def _packed(module: nn.Linear, dtype: torch.dtype) -> Tensor:
-    """``module``'s weight in ``dtype``, reordered for oneDNN (cached)."""
+    """``module``'s weight in ``dtype``, reordered for oneDNN (cached with
+    an alias of the weight it was made from, so that no new weight can take
+    that storage address while the entry lives)."""
     weight = module.weight
     key = values_key(weight)
     cache = module.__dict__.get("_adaptok_packed")
     if cache is not None and dtype in cache and cache[dtype][0] == key:
-        return cache[dtype][1]
+        return cache[dtype][2]
     with torch.no_grad(), torch.autocast("cpu", enabled=False):
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype), None)
-    cache = {d: v for d, v in (cache or {}).items() if v[0] == key}  # drop the tables of old weights
-    cache[dtype] = (key, packed)
+    cache = {d: v for d, v in (cache or {}).items() if v[0] == key}  # drop the packs of old weights
+    cache[dtype] = (key, weight.detach(), packed)
     module.__dict__["_adaptok_packed"] = cache
     return packed
 
