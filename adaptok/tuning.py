@@ -41,16 +41,19 @@ MEASURE_CALLS = 5
 _CHOICES: dict[str, "Choice"] = {}
 
 
-def measurable(x: Tensor, random: bool = False) -> bool:
-    """Whether timing every option on inputs like ``x`` is sound and free of
-    side effects: no autograd graph (backward or forward mode), no
+def measurable(x: Tensor, random: bool = False, params: tuple = ()) -> bool:
+    """Whether timing every option on inputs like ``x`` (and parameters
+    ``params``, None entries allowed) is sound and free of side effects: no
+    autograd graph (backward or forward mode), no
     ``torch.func`` transform (``vmap``, ``jvp``, ``grad``), no random draws
     (``random``: the call would draw, e.g. dropout), no tracing or
     compiling, real non-empty CPU tensors. Calls that are not take the
     choice's default and never read the measurements, so that training,
     compiled graphs and exported programs do not depend on what the process
     measured before."""
-    return (not random and type(x) is Tensor and x.is_cpu and not (torch.is_grad_enabled() and x.requires_grad)
+    return (not random and type(x) is Tensor and x.is_cpu
+            and not (torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad
+                                                                         for p in params)))
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and x.numel() > 0
             and not transformed())
 
@@ -65,7 +68,7 @@ def transformed() -> bool:
 def compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype a CPU matmul or convolution on ``x`` computes in: CPU
     autocast's dtype for an fp32 ``x`` under it, else ``x.dtype``."""
-    if x.dtype is torch.float32 and x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+    if x.dtype is torch.float32 and x.is_cpu and torch.is_autocast_enabled("cpu"):
         return torch.get_autocast_dtype("cpu")
     return x.dtype
 

@@ -88,6 +88,15 @@ def test_measurable(monkeypatch, grad, compiling, expected):
     assert not tuning.measurable(torch.zeros(2, device="meta"))
 
 
+def test_measurable_parameters_that_record_gradients():
+    """A call whose parameters require grad records a graph even on a plain
+    input: not measurable while grad is enabled, measurable without it."""
+    x, w = torch.zeros(2), torch.zeros(2, requires_grad=True)
+    assert not tuning.measurable(x, params=(None, w)) and tuning.measurable(x, params=(None, w.detach()))
+    with torch.no_grad():
+        assert tuning.measurable(x, params=(w,))
+
+
 # ------------------------------------------------------------ patch embedding
 
 

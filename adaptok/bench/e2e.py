@@ -221,7 +221,7 @@ def report(args, device, dtype, variants: list[Variant], samples: dict, peak: fl
            "matmul_tflops": peak["best"] / 1e12,
            "matmul_tflops_by_size": {str(n): f / 1e12 for n, f in peak["by_size"].items()},
            "matmul_tflops_by_path": {path: {str(n): f / 1e12 for n, f in rates.items()}
-                                     for path, rates in peak.get("by_path", {}).items()}, "results": results}
+                                     for path, rates in peak["by_path"].items()}, "results": results}
     out["paired_single"] = {f"{a}/{b}": paired(samples[(a, "single")], samples[(b, "single")])
                             for a, b in single_pairs(variants)}
     if (CONTROL, "single") in samples:

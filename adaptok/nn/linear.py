@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..tuning import Choice, bucket, measurable, values_key
+from ..tuning import Choice, bucket, compute_dtype, measurable, values_key
 
 # timm's F.linear, or oneDNN's matmul with the weight prepacked
 # (ADAPTOK_LINEAR=linear|packed fixes it; see adaptok.tuning).
@@ -72,8 +72,7 @@ class AdaptiveLinear(nn.Linear):
         self.__dict__.pop("_adaptok_packed", None)
 
     def __getstate__(self):  # copies and pickles hold no opaque oneDNN tensor
-        state = super().__getstate__()
-        state = dict(state)
+        state = dict(super().__getstate__())
         state.pop("_adaptok_packed", None)
         return state
 
@@ -94,20 +93,16 @@ def linear(module: nn.Linear, x: Tensor) -> Tensor:
     checks run on every call of every layer, cheapest first (a few hundred
     ns each on the CPU decide a forward's host overhead)."""
     weight, bias = module.weight, module.bias
-    if not _PACKABLE or type(x) is not Tensor or not x.is_cpu or x.dim() < 2:
-        return F.linear(x, weight, bias)
-    dtype = x.dtype
-    if dtype is torch.float32 and torch.is_autocast_enabled("cpu"):
-        dtype = torch.get_autocast_dtype("cpu")  # autocast casts x, weight and bias to it
+    if not _PACKABLE or x.dim() < 2 or not measurable(x, params=(weight, bias)):
+        return F.linear(x, weight, bias)  # autograd, tracing, compiling, empty, CUDA: timm's call, even when forced
+    dtype = compute_dtype(x)
+    if dtype is not x.dtype:  # autocast casts x, weight and bias to its dtype
         if weight.dtype not in (torch.float32, torch.bfloat16):
             return F.linear(x, weight, bias)
     elif weight.dtype is not dtype:
         return F.linear(x, weight, bias)  # F.linear names the mismatch
     if dtype not in _PACKABLE or x.shape[-1] != module.in_features or not module.in_features * module.out_features:
         return F.linear(x, weight, bias)
-    if not measurable(x) or (torch.is_grad_enabled() and (weight.requires_grad or
-                                                           (bias is not None and bias.requires_grad))):
-        return F.linear(x, weight, bias)  # autograd, tracing, compiling, empty: timm's call, even when forced
     if not torch._C._get_mkldnn_enabled():  # torch.backends.mkldnn.flags(enabled=False); read after compiling is ruled out
         return F.linear(x, weight, bias)
     path = LINEAR.forced()

@@ -36,7 +36,7 @@ def embed_patches(module: nn.Module, images: Tensor) -> Tensor:
         return module.norm(_project("conv", proj, images))
     path = PATCH_EMBED.forced()
     if path is None:
-        if not measurable(images) or (torch.is_grad_enabled() and proj.weight.requires_grad):
+        if not measurable(images, params=(proj.weight, proj.bias)):
             path = PATCH_EMBED.default  # untimed calls: timm's convolution, whatever was measured
         else:
             B, C_in, H, W = images.shape
