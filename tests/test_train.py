@@ -105,6 +105,30 @@ def test_resume_refuses_another_configuration(tmp_path):
     train({**cfg, "lr": 1e-2, "resume": False}, progress=False)  # starts over
 
 
+@pytest.mark.parametrize("caller_group", [False, True], ids=["train-creates-it", "caller-created"])
+def test_train_destroys_only_the_process_group_it_created(tmp_path, monkeypatch, caller_group):
+    """A gloo group left alive at interpreter shutdown can abort the process
+    (SIGABRT, "terminate called without an active exception"): train()
+    destroys the group it created, even when it raises, and leaves the
+    caller's."""
+    import torch.distributed as td
+
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(29500 + os.getpid() % 1000)}.items():
+        monkeypatch.setenv(k, v)
+    if caller_group:
+        td.init_process_group("gloo")
+    try:
+        train(tiny(tmp_path), progress=False)
+        assert td.is_initialized() is caller_group
+        with pytest.raises(ValueError, match="batch_size"):
+            train({**tiny(tmp_path), "batch_size": 3, "mixup": 0.5}, progress=False)
+        assert td.is_initialized() is caller_group
+    finally:
+        if td.is_initialized():
+            td.destroy_process_group()
+
+
 def torchrun(nproc, config, out):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",

@@ -329,7 +329,20 @@ def train(config: TrainConfig | dict, method: Optional[Method] = None, *, device
     """Train as ``config`` says (a :class:`TrainConfig` or its fields as a
     dict); ``method`` overrides ``config.method``. Returns ``{"records":
     [one dict per epoch], "checkpoint": path, "config": dict}`` (on every
-    process). ``progress``: a tqdm bar (default: when stderr is a terminal)."""
+    process). ``progress``: a tqdm bar (default: when stderr is a terminal).
+
+    Under torchrun, a process group this call creates is destroyed when it
+    returns or raises (a gloo group left to interpreter shutdown can abort
+    the process); one the caller created is left to the caller."""
+    owned = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    try:
+        return _train(config, method, device, progress)
+    finally:
+        if owned and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _train(config, method, device, progress) -> dict:
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
     from timm.optim import create_optimizer_v2
